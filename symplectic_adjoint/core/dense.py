@@ -74,12 +74,18 @@ class DenseOutput:
         if isinstance(theta, (int, float)):
             return lincomb(y0, h, self.weights(theta), k)
         acc = y0
-        for wi, ki in zip(self.weights(theta), k):
+        for wi, ki in zip(self.weights(theta), k, strict=False):
             acc = acc + (h * wi) * ki
         return acc
 
     def vjp(
-        self, y_bar: Array, k: Sequence[Array] | None, h: Any, theta: Any, *, need_time: bool = False
+        self,
+        y_bar: Array,
+        k: Sequence[Array] | None,
+        h: Any,
+        theta: Any,
+        *,
+        need_time: bool = False,
     ) -> tuple[list[Array | None], Any, Any]:
         """Cotangents of :meth:`evaluate` (the ``y_n`` cotangent is ``y_bar`` itself).
 
@@ -89,13 +95,13 @@ class DenseOutput:
         """
         ws = self.weights(theta)
         k_bar: list[Array | None] = []
-        for row, wi in zip(self.W_exact, ws):
+        for row, wi in zip(self.W_exact, ws, strict=False):
             k_bar.append(None if all(x == 0 for x in row) else y_bar * (h * wi))
         theta_bar = h_bar = None
         if need_time:
             if k is None:
                 raise ValueError("DenseOutput.vjp: need_time=True requires the slopes k")
-            for row, wi, dwi, ki in zip(self.W_exact, ws, self.dweights(theta), k):
+            for row, wi, dwi, ki in zip(self.W_exact, ws, self.dweights(theta), k, strict=False):
                 if all(x == 0 for x in row):
                     continue
                 d = vdot(y_bar, ki)

@@ -222,12 +222,13 @@ _DOPRI8_BHAT = [
     "656045339/265891186", "-3867574721/1518517206", "465885868/322736535",
     "53011238/667516719", "2/45", 0, 0,
 ]  # fmt: skip
+# fmt: off
 DOPRI8 = T(
     "dopri8",
     c=[
         0, "1/18", "1/12", "1/8", "5/16", "3/8", "59/400", "93/200", "5490023248/9719169821",
         "13/20", "1201146811/1299019798", 1, 1, 1,
-    ],  # fmt: skip
+    ],
     a_lower=[
         ["1/18"],
         ["1/48", "1/16"],
@@ -253,7 +254,7 @@ DOPRI8 = T(
          "652783627/914296604", "11173962825/925320556", "-13158990841/6184727034",
          "3936647629/1978049680", "-160528059/685178525", "248638103/1413531060", 0],
         _DOPRI8_B,
-    ],  # fmt: skip
+    ],
     b=[*_DOPRI8_B, 0],
     order=8,
     bhat=_DOPRI8_BHAT,
@@ -262,6 +263,7 @@ DOPRI8 = T(
     exact=False,
     aliases=("Dopri8",),
 )
+# fmt: on
 
 TABLEAUX: dict[str, ButcherTableau] = {
     t.name: t
@@ -282,6 +284,4 @@ def get_tableau(name: str) -> ButcherTableau:
         return TABLEAUX[_ALIASES[name.lower()]]
     except (KeyError, AttributeError):
         known = ", ".join(sorted(TABLEAUX))
-        raise TableauError(
-            f"unknown Runge-Kutta method {name!r}; known methods: {known}"
-        ) from None
+        raise TableauError(f"unknown Runge-Kutta method {name!r}; known methods: {known}") from None

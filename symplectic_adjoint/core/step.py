@@ -73,7 +73,7 @@ def lincomb(base: Array | None, scale: Any, coeffs: Sequence[float], vecs: Seque
     ``base`` unchanged (possibly ``None``) when every term vanishes.
     """
     acc = None
-    for cj, vj in zip(coeffs, vecs):
+    for cj, vj in zip(coeffs, vecs, strict=False):
         if cj == 0 or vj is None:
             continue
         term = vj * cj if cj != 1 else vj

@@ -137,7 +137,9 @@ class ButcherTableau:
     @cached_property
     def is_explicit(self) -> bool:
         """``a`` is strictly lower triangular (no stage depends on itself or later ones)."""
-        return all(self.a_exact[i][j] == 0 for i in range(self.stages) for j in range(i, self.stages))
+        return all(
+            self.a_exact[i][j] == 0 for i in range(self.stages) for j in range(i, self.stages)
+        )
 
     @property
     def is_adaptive(self) -> bool:
@@ -162,7 +164,7 @@ class ButcherTableau:
         """Error weights ``b - bhat``, rounded once from the exact difference."""
         if self.bhat_exact is None:
             return None
-        return tuple(float(x - y) for x, y in zip(self.b_exact, self.bhat_exact))
+        return tuple(float(x - y) for x, y in zip(self.b_exact, self.bhat_exact, strict=True))
 
     def validate(self, *, explicit: bool = True) -> None:
         """Raise :class:`TableauError` if the tableau cannot drive the explicit kernels.
@@ -176,13 +178,21 @@ class ButcherTableau:
                 "diagonal); the symplectic adjoint kernels handle explicit Runge-Kutta "
                 "methods only. Use an explicit method such as 'dopri5' or 'tsit5'."
             )
+        if self._inconsistent_row is not None:
+            raise TableauError(self._inconsistent_row)
+
+    @cached_property
+    def _inconsistent_row(self) -> str | None:
+        # Cached: the kernels validate on every step, and summing dopri8's rows of large
+        # rationals costs ~0.25 ms; the tableau is immutable, so the answer never changes.
         tol = Fraction(0) if self.exact else Fraction(1, 10**14)
-        for i, (row, ci) in enumerate(zip(self.a_exact, self.c_exact)):
+        for i, (row, ci) in enumerate(zip(self.a_exact, self.c_exact, strict=True)):
             if abs(sum(row, Fraction(0)) - ci) > tol:
-                raise TableauError(
+                return (
                     f"{self.name}: row {i + 1} of a sums to {float(sum(row))!r} but "
                     f"c_{i + 1} = {float(ci)!r}; a consistent tableau has c_i = sum_j a_ij"
                 )
+        return None
 
     def __repr__(self) -> str:
         kind = f"{self.order}({self.embedded_order})" if self.is_adaptive else f"{self.order}"
