@@ -34,6 +34,7 @@ quartic with the same ``c_mid`` as torchdiffeq; ``Tsit5`` seven degree-4 polynom
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import cache
@@ -185,7 +186,7 @@ def torchdiffeq_interpolant(method: str, interp: str = "linear") -> DenseOutput:
         )
     tableau = get_tableau(_TORCHDIFFEQ_FIXED[method])
     if interp == "linear":
-        return DenseOutput(f"{name}:linear", dense.linear(tableau).W_exact)
+        return dataclasses.replace(dense.linear(tableau), name=f"{name}:linear")
     if interp != "cubic":
         raise ValueError(f"unknown torchdiffeq interpolation {interp!r} (linear or cubic)")
     basis = hermite_basis()
@@ -241,10 +242,9 @@ def diffrax_interpolant(solver: str) -> DenseOutput:
     tableau_name, kind = _DIFFRAX[key]
     tableau = get_tableau(tableau_name)
     name = f"diffrax:{key}"
-    if kind == "linear":
-        return DenseOutput(name, dense.linear(tableau).W_exact)
-    if kind == "hermite":
-        return DenseOutput(name, dense.hermite(tableau).W_exact)
+    if kind in ("linear", "hermite"):
+        build = dense.linear if kind == "linear" else dense.hermite
+        return dataclasses.replace(build(tableau), name=name)
     if kind == "quartic":
         return dense.quartic_from_mid(tableau, _DOPRI5_MID, name=name)
     if kind == "tsit5":

@@ -151,8 +151,15 @@ def order_conditions_residual(
     return max((abs(r) for _, r in _residuals(tableau, order, embedded)), default=Fraction(0))
 
 
-def _tolerance(tableau: ButcherTableau) -> Fraction:
-    return Fraction(0) if tableau.exact else INEXACT_TOLERANCE
+def _first_violation(
+    tableau: ButcherTableau, order: int, embedded: bool
+) -> tuple[Tree, Fraction] | None:
+    """The smallest tree whose condition fails (beyond rounding for inexact tableaux)."""
+    tol = Fraction(0) if tableau.exact else INEXACT_TOLERANCE
+    for t, r in _residuals(tableau, order, embedded):
+        if abs(r) > tol:
+            return t, r
+    return None
 
 
 def measured_order(
@@ -165,23 +172,20 @@ def measured_order(
     """
     claimed = tableau.embedded_order if embedded else tableau.order
     limit = max_order if max_order is not None else (claimed or 0) + 1
-    tol = _tolerance(tableau)
-    for t, r in _residuals(tableau, limit, embedded):
-        if abs(r) > tol:
-            return tree_order(t) - 1
-    return limit
+    failed = _first_violation(tableau, limit, embedded)
+    return limit if failed is None else tree_order(failed[0]) - 1
 
 
 def _check(tableau: ButcherTableau, order: int, embedded: bool) -> None:
-    tol = _tolerance(tableau)
-    for t, r in _residuals(tableau, order, embedded):
-        if abs(r) > tol:
-            which = "embedded method" if embedded else "method"
-            raise TableauError(
-                f"{tableau.name}: {which} claims order {order} but violates the order "
-                f"condition of tree {tree_name(t)} (order {tree_order(t)}): "
-                f"Phi = {float(r + Fraction(1, density(t)))!r}, 1/gamma = 1/{density(t)}"
-            )
+    failed = _first_violation(tableau, order, embedded)
+    if failed is not None:
+        t, r = failed
+        which = "embedded method" if embedded else "method"
+        raise TableauError(
+            f"{tableau.name}: {which} claims order {order} but violates the order "
+            f"condition of tree {tree_name(t)} (order {tree_order(t)}): "
+            f"Phi = {float(r + Fraction(1, density(t)))!r}, 1/gamma = 1/{density(t)}"
+        )
 
 
 def check_order(tableau: ButcherTableau) -> None:
