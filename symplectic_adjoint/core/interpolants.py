@@ -29,7 +29,9 @@ diffrax (``diffrax_interpolant``): ``Euler`` uses ``LocalLinearInterpolation``;
 ``ThirdOrderHermitePolynomialInterpolation.from_k``, which takes ``k[0]`` and ``k[-1]``
 (the last *stage*: ``f(t_{n+1}, y_{n+1})`` only for the FSAL ``Bosh3``); ``Dopri5`` the
 quartic with the same ``c_mid`` as torchdiffeq; ``Tsit5`` seven degree-4 polynomials;
-``Dopri8`` fourteen degree-6 polynomials (``eval_coeffs``).
+``Dopri8`` fourteen degree-6 polynomials (``eval_coeffs``). Those printed decimals are
+consistent with the rational ``b`` only to ~1e-12: diffrax's Dopri8 interpolant at the
+step end misses ``y_{n+1}`` by that much, and so does this one (it is the library's value).
 """
 
 from __future__ import annotations
