@@ -395,41 +395,45 @@ class Plan:
                 acc.add_(g)
         return grads[0], (grads[-1] if self.need_t else None)
 
-    def _slopes(self, m: int, y: torch.Tensor, k1_stored: Any, *, full: bool):
+    def _slopes(self, m: int, y: torch.Tensor, k1_stored: Any, *, replay: bool):
         """Stage inputs and slopes of step ``m`` from ``y_m``, without a graph.
 
-        Only slopes some later stage reads are evaluated, unless ``full`` (replays) or
-        time gradients need them all; the last slope is reused from the next step
-        where it was carried over (FSAL).
+        Only slopes that something reads are evaluated: the later stages always; the
+        last one for time gradients (its value enters ``hbar``) or, in a replay, when
+        ``y_{n+1}`` or the next step's carried slope needs it. In the reverse pass the
+        last slope is the next step's carried first slope (FSAL) when there is one.
         """
         tab, s = self.tableau, self.tableau.stages
         h, times = self.h[m], self.times[m]
-        want = full or self.need_t
         carried = m + 1 < self.n and self.log.k1[m + 1] == K1_FSAL
+        if replay:
+            want_last = tab.b[-1] != 0 or (carried and self.store.keep_k1)
+        else:
+            want_last = self.need_t
         k: list[Any] = [None] * s
         if self.log.k1[m] == K1_FSAL and k1_stored is not None:
             k[0] = k1_stored
-        elif s > 1 or want:
+        elif s > 1 or want_last:
             k[0] = self._eval(times[0], y)
         X = [y]
         for i in range(1, s):
-            if i == s - 1 and self.fsal_at_y1 and not full:
+            if i == s - 1 and self.fsal_at_y1 and not replay:
                 Xi = self.y_next  # torchdiffeq evaluates the last stage at y_{n+1} itself
             else:
                 Xi = lincomb(y, h, tab.a[i][:i], k[:i])
             X.append(Xi)
-            if i < s - 1 or want:
-                last_known = i == s - 1 and carried and self.k1_next is not None and not full
-                k[i] = self.k1_next if last_known else self._eval(times[i], Xi)
+            if i < s - 1 or want_last:
+                reuse = i == s - 1 and carried and not replay and self.k1_next is not None
+                k[i] = self.k1_next if reuse else self._eval(times[i], Xi)
         return X, k
 
     def _advance(self, m: int, state: tuple) -> tuple:
         """Replay step ``m`` from ``y_m`` with its recorded size (budgets)."""
         y, k1 = state
-        X, k = self._slopes(m, y, k1, full=True)
+        _, k = self._slopes(m, y, k1, replay=True)
         y1 = lincomb(y, self.h[m], self.tableau.b, k)
-        nxt = k[-1] if self.store.keep_k1 and m + 1 < self.n else None
-        return (y1, nxt)
+        carried = m + 1 < self.n and self.log.k1[m + 1] == K1_FSAL
+        return (y1, k[-1] if carried and self.store.keep_k1 else None)
 
     def _reverse(self, m: int, state: tuple) -> None:
         if m != self.expect:  # pragma: no cover - the schedules reverse in order
@@ -441,7 +445,7 @@ class Plan:
         if self.store.stages:
             X, k = list(state[0]), (list(state[1]) if state[1] else [None] * s)
         else:
-            X, k = self._slopes(m, state[0], state[1], full=False)
+            X, k = self._slopes(m, state[0], state[1], replay=False)
 
         # Cotangents of the outputs interpolated inside this step.
         lam, y0bar = self.lam, None

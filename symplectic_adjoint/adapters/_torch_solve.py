@@ -223,7 +223,11 @@ class Store:
         """Whether stage inputs must be captured during a step."""
         return self.stages
 
-    def offer(self, n: int, y: torch.Tensor, k1: torch.Tensor | None, calls: list | None) -> None:
+    def offer(
+        self, n: int, y: torch.Tensor, k1: torch.Tensor | None, calls: list | None, *, carried: bool
+    ) -> None:
+        """Offer step ``n``'s start: ``y_n``, its first slope (adaptive solvers; ``carried``
+        when it is the previous step's last stage) and the captured stage calls."""
         if self.stages:
             assert calls is not None
             X = (y, *(c[0] for c in calls)) if k1 is not None else tuple(c[0] for c in calls)
@@ -238,7 +242,7 @@ class Store:
                 self.stored.pop(d, None)
             if not keep:
                 return
-        self.stored[n] = (y, k1 if self.keep_k1 else None)
+        self.stored[n] = (y, k1 if self.keep_k1 and carried else None)
 
 
 def _check_finite(x: torch.Tensor, what: str, t: Any, sign: float) -> None:
@@ -288,7 +292,7 @@ class _AdaptiveRecording:
         # tensor, the attempted one otherwise (torchdiffeq 0.2.5 _adaptive_step).
         log.mode.append(CHAIN if rec.dt_accept is rec.dt_attempt else PINNED)
         log.k1.append(self._next_k1)
-        self._store.offer(n, rk_state.y1, rk_state.f1, calls)
+        self._store.offer(n, rk_state.y1, rk_state.f1, calls, carried=self._next_k1 == K1_FSAL)
         self._next_k1 = K1_NEXT if rec.jump_k1 is not None else K1_FSAL
         log.y_final = new.y1
         return new
@@ -321,7 +325,7 @@ class _FixedRecording:
         log.dt.append(torch.as_tensor(dt, dtype=t0.dtype, device=t0.device))
         log.mode.append(CHAIN if log.event else GRID)
         log.k1.append(K1_NEXT if self.perturb else K1_FIRST)
-        self._store.offer(n, y0, None, calls)
+        self._store.offer(n, y0, None, calls, carried=False)
         # torchdiffeq forms y1 = y0 + dy after this returns; the last one is the final state.
         self._pending = (y0, dy)
         return dy, f0
