@@ -219,12 +219,15 @@ class Plan:
             return
         t0s = torch.stack(self.log.t0)
         t1s = torch.stack(self.log.t1)
+        tq = event_t.reshape(1) if event_t is not None else t[1:]
+        # Adaptive solvers cast t to their time dtype; the fixed-grid loop compares and
+        # interpolates 0-d tensors of t's and the grid's dtypes, i.e. in the promoted one.
+        common = t1s.dtype if self.adaptive else torch.promote_types(tq.dtype, t1s.dtype)
+        tq, t0s, t1s = tq.to(common), t0s.to(common), t1s.to(common)
         if event_t is not None:
-            tq = event_t.reshape(1).to(t1s.dtype)
             idx = torch.full((1,), self.n - 1, dtype=torch.long, device=t1s.device)
             js = [1]
         else:
-            tq = t[1:].to(t1s.dtype)
             idx = torch.searchsorted(t1s, tq, side="left").clamp_(max=self.n - 1)
             js = list(range(1, self.t_len))
         s0, s1 = t0s[idx], t1s[idx]

@@ -138,7 +138,8 @@ class Recorder:
 
     Counts evaluations and, while ``calls`` is a list, appends each stage's
     ``(X_i, k_i)``. In adaptive solvers the only call with ``Perturb.NEXT`` is the
-    re-evaluation of the first slope after a ``jump_t``; it is kept in ``jump_k1``.
+    re-evaluation of the first slope after a ``jump_t`` (an accepted step that ended on
+    a jump); it is kept in ``jump_k1``, which the step wrapper clears before each step.
     """
 
     def __init__(self, func: Any, *, adaptive: bool) -> None:
@@ -154,11 +155,10 @@ class Recorder:
     def __call__(self, t: torch.Tensor, y: torch.Tensor, *, perturb: Perturb = Perturb.NONE):
         self.nfe += 1
         out = self.func(t, y, perturb=perturb)
-        if self.calls is not None:
-            if self.adaptive and perturb is Perturb.NEXT:
-                self.jump_k1 = out
-            else:
-                self.calls.append((y, out))
+        if self.adaptive and perturb is Perturb.NEXT:
+            self.jump_k1 = out
+        elif self.calls is not None:
+            self.calls.append((y, out))
         return out
 
     def callback_step(self, t0, y0, dt):
