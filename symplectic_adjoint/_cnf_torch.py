@@ -1,0 +1,405 @@
+"""A 2-D continuous normalizing flow in PyTorch, trained through ``symplectic_adjoint.odeint``.
+
+The flow transports data ``x`` at ``t = 0`` to a standard normal at ``t = 1`` along
+``dz/dt = f(z, t; θ)``. The state is ``y = (z, Δ)`` with ``dΔ/dt = -tr(∂f/∂z)`` (the
+instantaneous change of variables of Chen et al. 2018, as in FFJORD), so that
+
+    log p(x) = log N(z(1); 0, I) - Δ(1).
+
+The trace is computed *exactly* with autograd, one backward pass per dimension (two in
+2-D), rather than with FFJORD's stochastic Hutchinson estimator: the gradient of the
+loss is then a deterministic function of the batch and can be compared bit-for-bit
+with backprop.
+
+Besides the model, this module holds the measurement helpers of the demo (DESIGN §5):
+peak memory of one training iteration from ``torch.profiler`` allocator events (or
+CUDA's peak counter) and the median wall time of several iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import odeint
+from ._toy2d import (
+    DemoConfig,
+    MethodRow,
+    Report,
+    grid_points,
+    sample_density,
+    save_density_figure,
+    train_loop,
+)
+
+__all__ = [
+    "CNF",
+    "SolveSpec",
+    "flat_grad",
+    "gradient_rel_error",
+    "log_prob",
+    "loss_and_backward",
+    "median_seconds",
+    "peak_memory_bytes",
+    "sample",
+]
+
+#: torchdiffeq's fixed-grid methods: they take ``step_size`` instead of tolerances.
+FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "heun2", "heun3", "rk4"})
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """How every ODE solve of the flow is integrated (method, grid or tolerances).
+
+    Fixed-grid methods use ``n_steps`` equal steps on ``[0, 1]``; adaptive methods use
+    ``rtol``/``atol`` and, when given, a pinned ``first_step`` (DESIGN §3.1).
+    """
+
+    method: str = "rk4"
+    n_steps: int = 10
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    first_step: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method not in FIXED_GRID_METHODS
+
+    def odeint_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``odeint`` (method, options and tolerances)."""
+        if not self.adaptive:
+            return {"method": self.method, "options": {"step_size": 1.0 / self.n_steps}}
+        options = {} if self.first_step is None else {"first_step": self.first_step}
+        return {"method": self.method, "rtol": self.rtol, "atol": self.atol, "options": options}
+
+    def describe(self) -> str:
+        if self.adaptive:
+            return f"{self.method}, rtol={self.rtol:g}, atol={self.atol:g}"
+        return f"{self.method}, {self.n_steps} steps"
+
+
+class CNF(nn.Module):
+    """Vector field of the flow on the augmented state ``y = (z1, z2, Δ)``, shape ``(n, 3)``.
+
+    ``f`` is an MLP on ``(z, t)``. ``forward`` returns ``(f, -tr ∂f/∂z)``; it switches
+    autograd on internally (the trace needs it even when the solver runs without a
+    graph) and returns a detached result when the caller had gradients off, so a
+    no-graph forward solve never accumulates graphs.
+    """
+
+    def __init__(self, *, hidden: int = 64, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width_in = 3
+        for _ in range(depth):
+            layers += [nn.Linear(width_in, hidden), nn.Tanh()]
+            width_in = hidden
+        layers.append(nn.Linear(width_in, 2))
+        self.net = nn.Sequential(*layers)
+
+    def velocity(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``f(z, t)`` for a batch ``z`` of shape ``(n, 2)``."""
+        tt = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(1, 1)
+        return self.net(torch.cat([z, tt.expand(z.shape[0], 1)], dim=1))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            z = y[:, :2]
+            if not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            v = self.velocity(t, z)
+            trace = exact_trace(v, z, create_graph=keep_graph)
+        dy = torch.cat([v, -trace[:, None]], dim=1)
+        return dy if keep_graph else dy.detach()
+
+
+def exact_trace(v: torch.Tensor, z: torch.Tensor, *, create_graph: bool) -> torch.Tensor:
+    """``tr(∂v/∂z)`` per sample, exactly: one autograd pass per dimension of ``z``.
+
+    Rows of a batch are independent, so ``∂(Σ_rows v_i)/∂z`` holds ``∂v_i/∂z_i`` of each
+    row in column ``i``.
+    """
+    diag = [
+        torch.autograd.grad(v[:, i].sum(), z, retain_graph=True, create_graph=create_graph)[0][:, i]
+        for i in range(z.shape[1])
+    ]
+    return torch.stack(diag, dim=1).sum(dim=1)
+
+
+def _standard_normal_logp(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (z**2).sum(dim=1) - z.shape[1] * 0.5 * math.log(2.0 * math.pi)
+
+
+def log_prob(
+    model: CNF,
+    x: torch.Tensor,
+    *,
+    spec: SolveSpec,
+    adjoint: str = "symplectic",
+    stats: Any = None,
+) -> torch.Tensor:
+    """``log p(x)`` of the flow for a batch ``x`` of shape ``(n, 2)``."""
+    y0 = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+    t = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    extra = {} if stats is None else {"stats": stats}
+    y1 = odeint(model, y0, t, adjoint=adjoint, **spec.odeint_kwargs(), **extra)[-1]
+    return _standard_normal_logp(y1[:, :2]) - y1[:, 2]
+
+
+@torch.no_grad()
+def sample(model: CNF, n: int, *, spec: SolveSpec, generator: torch.Generator) -> torch.Tensor:
+    """Draw ``n`` samples: integrate standard-normal points from ``t = 1`` back to ``t = 0``."""
+    param = next(model.parameters())
+    z1 = torch.randn(n, 2, generator=generator, dtype=param.dtype).to(param.device)
+    y1 = torch.cat([z1, torch.zeros_like(z1[:, :1])], dim=1)
+    t = torch.tensor([1.0, 0.0], dtype=param.dtype, device=param.device)
+    solve = replace(spec, first_step=None).odeint_kwargs()
+    return odeint(model, y1, t, adjoint="backprop", **solve)[-1][:, :2]
+
+
+def loss_and_backward(
+    model: CNF, x: torch.Tensor, *, spec: SolveSpec, adjoint: str, stats: Any = None
+) -> float:
+    """Mean negative log-likelihood of ``x``; fills ``.grad`` of the parameters."""
+    model.zero_grad(set_to_none=True)
+    loss = -log_prob(model, x, spec=spec, adjoint=adjoint, stats=stats).mean()
+    loss.backward()
+    return float(loss.detach())
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    """All parameter gradients as one flat vector (zeros where a gradient is missing)."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
+
+
+def gradient_rel_error(
+    model: CNF, x: torch.Tensor, *, spec: SolveSpec, adjoint: str = "symplectic"
+) -> tuple[float, SolveSpec]:
+    """``‖g − g_ref‖ / ‖g_ref‖`` in float64 on the batch ``x``, ``g_ref`` from backprop.
+
+    Runs on a float64 copy of ``model``. For adaptive methods the first step that the
+    ``adjoint`` solve selected is pinned in the reference solve, so both differentiate
+    the same discrete computation (torchdiffeq's backprop would otherwise also
+    differentiate its initial step selection, DESIGN §3.1). Returns the error and the
+    solve spec of the reference.
+    """
+    from . import SolveStats
+
+    model64 = copy.deepcopy(model).double()
+    x64 = x.detach().double()
+    stats = SolveStats()
+    loss_and_backward(model64, x64, spec=spec, adjoint=adjoint, stats=stats)
+    grad = flat_grad(model64)
+    ref_spec = replace(spec, first_step=stats.first_step) if spec.adaptive else spec
+    loss_and_backward(model64, x64, spec=ref_spec, adjoint="backprop")
+    ref = flat_grad(model64)
+    return float(torch.linalg.vector_norm(grad - ref) / torch.linalg.vector_norm(ref)), ref_spec
+
+
+def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before.
+
+    CUDA: the allocator's peak counter. CPU: ``torch.profiler`` with
+    ``profile_memory=True`` records every allocation and free; the peak of their running
+    sum is byte-reproducible (DESIGN §5).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with (
+        _stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return int(peak)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: the profiler's C++ layer logs there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def median_seconds(
+    fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, device: torch.device
+) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed() for _ in range(repeats))
+
+
+# ------------------------------------------------------------------ the demo's torch run
+
+
+def _batch(cfg: DemoConfig, n: int, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
+    points = sample_density(cfg.density, n, rng=rng)
+    return torch.as_tensor(points, dtype=torch.float32, device=device)
+
+
+def _spec(cfg: DemoConfig) -> SolveSpec:
+    return SolveSpec(method=cfg.solver, n_steps=cfg.ode_steps, rtol=cfg.rtol, atol=cfg.atol)
+
+
+def train(cfg: DemoConfig, model: CNF, *, rng: np.random.Generator) -> list[float]:
+    """Fit ``model`` by maximum likelihood with Adam, differentiating with ``cfg.adjoint``."""
+    device = next(model.parameters()).device
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(cfg.train_steps, 1))
+    spec = _spec(cfg)
+
+    def step(_: int) -> float:
+        loss = loss_and_backward(
+            model, _batch(cfg, cfg.batch, rng, device), spec=spec, adjoint=cfg.adjoint
+        )
+        optimiser.step()
+        schedule.step()
+        return loss
+
+    return train_loop(step, steps=cfg.train_steps, progress=cfg.progress)
+
+
+@torch.no_grad()
+def mean_nll(model: CNF, x: torch.Tensor, *, spec: SolveSpec, chunk: int = 4096) -> float:
+    """Mean negative log-likelihood of ``x`` (no graph; evaluated in chunks)."""
+    total = sum(
+        float(-log_prob(model, part, spec=spec, adjoint="backprop").sum())
+        for part in torch.split(x, chunk)
+    )
+    return total / x.shape[0]
+
+
+@torch.no_grad()
+def grid_logp(model: CNF, resolution: int, *, spec: SolveSpec, chunk: int = 4096) -> np.ndarray:
+    """The model's log-density on :func:`grid_points` as a ``(resolution, resolution)`` array."""
+    param = next(model.parameters())
+    _, _, points = grid_points(resolution)
+    x = torch.as_tensor(points, dtype=param.dtype, device=param.device)
+    logp = torch.cat(
+        [log_prob(model, part, spec=spec, adjoint="backprop") for part in torch.split(x, chunk)]
+    )
+    return logp.reshape(resolution, resolution).cpu().numpy()
+
+
+def compare_methods(cfg: DemoConfig, model: CNF, x: torch.Tensor) -> list[MethodRow]:
+    """Peak memory and median time of one training iteration for each gradient method."""
+    device = x.device
+    spec = _spec(cfg)
+    rows = []
+    for adjoint in ("symplectic", "backprop", "adjoint"):
+
+        def iteration(adjoint: str = adjoint) -> float:
+            return loss_and_backward(model, x, spec=spec, adjoint=adjoint)
+
+        seconds = median_seconds(iteration, repeats=cfg.timing_repeats, device=device)
+        rows.append(
+            MethodRow(
+                name=_METHOD_LABELS[adjoint],
+                peak_bytes=peak_memory_bytes(iteration, device=device),
+                seconds_per_iter=seconds,
+            )
+        )
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+_METHOD_LABELS = {
+    "symplectic": "symplectic adjoint (ours)",
+    "backprop": "backprop (torchdiffeq.odeint)",
+    "adjoint": "continuous adjoint (odeint_adjoint)",
+}
+
+
+def run_demo(cfg: DemoConfig) -> Report:
+    """Train the flow, check the gradient, measure the three methods, save the figure."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device(cfg.device)
+    model = CNF(hidden=cfg.hidden).to(device)
+    spec = _spec(cfg)
+
+    train(cfg, model, rng=rng)
+    final_nll = mean_nll(model, _batch(cfg, cfg.eval_points, rng, device), spec=spec)
+    error, ref_spec = gradient_rel_error(
+        model, _batch(cfg, cfg.check_batch, rng, device), spec=spec, adjoint="symplectic"
+    )
+    rows = compare_methods(cfg, model, _batch(cfg, cfg.batch, rng, device))
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    samples = sample(model, cfg.plot_samples, spec=spec, generator=generator).cpu().numpy()
+    figure = save_density_figure(
+        cfg.out / f"cnf_{cfg.density}_torch.png",
+        data=sample_density(cfg.density, cfg.plot_samples, rng=rng),
+        grid_logp=grid_logp(model, cfg.grid, spec=spec),
+        samples=samples,
+        title=f"CNF trained with adjoint={cfg.adjoint!r} ({spec.describe()})",
+    )
+    pinned = f", first_step={ref_spec.first_step:.3g} pinned" if ref_spec.adaptive else ""
+    return Report(
+        backend=f"torch {torch.__version__}, {device.type}",
+        solver=spec.describe(),
+        density=cfg.density,
+        train_steps=cfg.train_steps,
+        final_nll=final_nll,
+        grad_rel_error=error,
+        grad_reference=f"backprop{pinned}",
+        memory_measure=(
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "torch.profiler allocator events (peak of running sum)"
+        ),
+        figure=figure,
+        rows=rows,
+    )
