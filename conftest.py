@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -30,3 +31,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="devices to run device-parametrised tests on (default: cpu, plus cuda if seen)",
     )
+
+
+@functools.cache
+def _torch_sees_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@functools.cache
+def _jax_sees_gpu() -> bool:
+    if importlib.util.find_spec("jax") is None:
+        return False
+    import jax
+
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False
+
+
+def available_devices(config: pytest.Config) -> list[str]:
+    """Devices for ``device``-parametrised tests: ``cpu`` always, ``cuda`` when torch or
+    jax sees a GPU or ``--device cuda`` asks for it (tests skip a backend that lacks it)."""
+    requested = config.getoption("--device") or []
+    devices = ["cpu"]
+    for dev in requested:
+        if dev not in devices:
+            devices.append(dev)
+    if "cuda" not in devices and (_torch_sees_cuda() or _jax_sees_gpu()):
+        devices.append("cuda")
+    return devices
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise a ``device`` argument over :func:`available_devices`, unless the test
+    parametrises ``device`` itself."""
+    if "device" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        names = names.split(",") if isinstance(names, str) else names
+        if "device" in [n.strip() for n in names]:
+            return
+    metafunc.parametrize("device", available_devices(metafunc.config))

@@ -1,0 +1,111 @@
+"""JAX builder: a case as a ``diffrax.ODETerm`` solved with our adjoint or diffrax's.
+
+Modes of :func:`solve`:
+
+* ``"host"``: ``diffrax.RecursiveCheckpointAdjoint`` (exact backprop), the reference.
+* ``"states"`` / ``"stages"``: ``symplectic_adjoint.SymplecticAdjoint(checkpoint=...)``.
+
+Constant-step solvers use ``ConstantStepSize`` with ``dt0 = +-h`` (the grid lands on
+``t1`` and every output time); adaptive ones a ``PIDController`` at the case
+tolerances. Each (case, solver, dtype, mode) is traced and compiled once, as one
+jitted ``value_and_grad`` that also returns the outputs, and cached for the session.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..cases import Case, Solver
+from . import Result, grad_keys, standin, unavailable
+
+__all__ = ["MODES", "device_for", "make_loss", "ours_available", "solve"]
+
+MODES = ("host", "states", "stages")
+
+
+def ours_available() -> str | None:
+    """``None`` if ``symplectic_adjoint.SymplecticAdjoint`` is usable, else why not."""
+    return unavailable("SymplecticAdjoint")
+
+
+def _adjoint(mode: str) -> diffrax.AbstractAdjoint:
+    if mode == "host" or standin():
+        return diffrax.RecursiveCheckpointAdjoint()
+    if mode not in ("states", "stages"):
+        raise ValueError(f"unknown mode {mode!r}")
+    from symplectic_adjoint import SymplecticAdjoint
+
+    return SymplecticAdjoint(checkpoint=mode)
+
+
+def device_for(name: str) -> jax.Device:
+    """The first JAX device of a platform (``"cpu"``, ``"cuda"``/``"gpu"``)."""
+    platform = "gpu" if name in ("cuda", "gpu") else name
+    return jax.devices(platform)[0]
+
+
+def make_loss(case: Case, solver: Solver, dtype: str, mode: str):
+    """``loss(params, y0, weights) -> (L, (ys, n_accepted))``: the case solved by diffrax
+    with the mode's adjoint, ``L = sum_k <w_k, y(t_k)>`` (``weights``: one array per
+    state leaf, stacked over the output times)."""
+    if solver.diffrax_solver is None:
+        raise ValueError(f"{solver.name} is not a diffrax solver")
+    jdt = jnp.dtype(dtype)
+    field = case.field
+
+    def vf(t: Any, y: Any, p: Any) -> Any:
+        return field(jnp.asarray(t, jdt), y, p)
+
+    method = getattr(diffrax, solver.diffrax_solver)()
+    t0, t1 = float(case.t[0]), float(case.t[-1])
+    if solver.constant_steps:
+        controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize()
+        dt0, max_steps = case.signed_h, case.n_steps
+    else:
+        rtol, atol = case.tolerances(dtype, solver.loosen)
+        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        dt0, max_steps = None, 4096
+    saveat = diffrax.SaveAt(ts=jnp.asarray(case.t))
+    adjoint = _adjoint(mode)
+
+    def loss(p: dict, y0: Any, weights: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), method, t0, t1, dt0, y0, args=p, saveat=saveat,
+            stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps,
+        )  # fmt: skip
+        leaves = sol.ys if case.is_tuple else (sol.ys,)
+        aux = (sol.ys, sol.stats["num_accepted_steps"])
+        return sum(jnp.sum(w * y) for w, y in zip(weights, leaves, strict=True)), aux
+
+    return loss
+
+
+@functools.cache
+def _compiled(case: Case, solver: Solver, dtype: str, mode: str):
+    return jax.jit(jax.value_and_grad(make_loss(case, solver, dtype, mode), (0, 1), has_aux=True))
+
+
+def solve(case: Case, solver: Solver, dtype: str, device: str, mode: str) -> Result:
+    """Solve the case, differentiate its loss, return NumPy outputs and gradients."""
+    dev = device_for(device)
+    jdt = jnp.dtype(dtype)
+    p = {k: jax.device_put(jnp.asarray(v, jdt), dev) for k, v in case.params.items()}
+    leaves = tuple(jax.device_put(jnp.asarray(x, jdt), dev) for x in case.y0_leaves)
+    y0 = leaves if case.is_tuple else leaves[0]
+    weights = tuple(jax.device_put(jnp.asarray(w, jdt), dev) for w in case.weight_leaves)
+    (_, (ys, n_accepted)), (gp, gy) = _compiled(case, solver, dtype, mode)(p, y0, weights)
+    gy = gy if case.is_tuple else (gy,)
+    ys = ys if case.is_tuple else (ys,)
+    names = grad_keys(len(leaves), list(p))
+    values = [*gy, *(gp[k] for k in p)]
+    return Result(
+        ys=tuple(np.asarray(y, np.float64) for y in ys),
+        grads={k: np.asarray(v, np.float64) for k, v in zip(names, values, strict=True)},
+        n_accepted=int(n_accepted),
+    )

@@ -1,0 +1,160 @@
+"""PyTorch builder: a case as an ``nn.Module`` vector field solved by torchdiffeq or by us.
+
+Modes of :func:`solve`:
+
+* ``"host"``: ``torchdiffeq.odeint`` with plain backprop, the reference. For adaptive
+  methods ``first_step`` is pinned to the value torchdiffeq would select, because
+  torchdiffeq 0.2.5 differentiates through its initial step selection (DESIGN 3.1).
+* ``"states"`` / ``"stages"``: ``symplectic_adjoint.odeint(adjoint="symplectic",
+  checkpoint=...)``, which selects its first step itself.
+
+Forced-constant solves hold an adaptive method at ``h``: ``first_step=h``,
+``max_step=h`` and tolerances so loose that every step is accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torchdiffeq
+
+from ..cases import Case, Solver
+from . import Result, grad_keys, standin, unavailable
+
+__all__ = [
+    "MODES",
+    "FieldModule",
+    "StepRecordingField",
+    "loss_of",
+    "odeint_ours",
+    "ours_available",
+    "solve",
+    "solver_options",
+]
+
+MODES = ("host", "states", "stages")
+#: Loose tolerances that make every proposed step acceptable (forced-constant solves).
+_ACCEPT_ALL = 1e12
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float64": torch.float64, "float32": torch.float32}[name]
+
+
+class FieldModule(torch.nn.Module):
+    """The case's vector field with its parameters as ``nn.Parameter`` s."""
+
+    def __init__(self, case: Case, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        self.field = case.field
+        self.params = torch.nn.ParameterDict(
+            {
+                k: torch.nn.Parameter(torch.tensor(v, dtype=dtype, device=device))
+                for k, v in case.params.items()
+            }
+        )
+        self.accepted: list[float] = []
+
+    def forward(self, t: torch.Tensor, y: Any) -> Any:
+        leaf = y[0] if isinstance(y, tuple) else y
+        return self.field(t.to(leaf.dtype), y, dict(self.params.items()))
+
+
+class StepRecordingField(FieldModule):
+    """Also records the accepted step sizes (torchdiffeq's ``callback_accept_step``,
+    which only the adaptive solvers call)."""
+
+    def callback_accept_step(self, t0: torch.Tensor, y0: Any, dt: torch.Tensor) -> None:
+        self.accepted.append(abs(float(dt.detach())))
+
+
+def solver_options(case: Case, solver: Solver, dtype: str) -> tuple[float, float, dict]:
+    """``(rtol, atol, options)`` for ``odeint`` (without the pinned first step)."""
+    if solver.grid == "fixed":
+        return 0.0, 0.0, {"step_size": case.h}
+    if solver.grid == "forced":
+        return _ACCEPT_ALL, _ACCEPT_ALL, {"first_step": case.h, "max_step": case.h}
+    rtol, atol = case.tolerances(dtype, solver.loosen)
+    return rtol, atol, {}
+
+
+@torch.no_grad()
+def _torchdiffeq_first_step(
+    func: torch.nn.Module, y0: Any, t: torch.Tensor, method: str, rtol: float, atol: float
+) -> float:
+    """The initial step torchdiffeq 0.2.5 selects (its private solver set-up, no grad)."""
+    from torchdiffeq._impl.misc import _check_inputs
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    _, f, y, tt, rt, at, m, opts, _, _ = _check_inputs(
+        func, y0, t, rtol, atol, method, {}, None, SOLVERS
+    )
+    solver = SOLVERS[m](func=f, y0=y, rtol=rt, atol=at, **opts)
+    solver._before_integrate(tt)
+    return float(solver.rk_state.dt)
+
+
+def ours_available() -> str | None:
+    """``None`` if ``symplectic_adjoint.odeint`` is usable, else why not."""
+    return unavailable("odeint")
+
+
+def odeint_ours(func: torch.nn.Module, y0: Any, t: torch.Tensor, checkpoint: str, **kw: Any) -> Any:
+    """``symplectic_adjoint.odeint(..., adjoint="symplectic", checkpoint=checkpoint)``."""
+    if standin():
+        return torchdiffeq.odeint(func, y0, t, **kw)
+    from symplectic_adjoint import odeint
+
+    return odeint(func, y0, t, adjoint="symplectic", checkpoint=checkpoint, **kw)
+
+
+def _as_tensors(
+    leaves: tuple[np.ndarray, ...], dtype: torch.dtype, device: str
+) -> list[torch.Tensor]:
+    return [torch.tensor(x, dtype=dtype, device=device, requires_grad=True) for x in leaves]
+
+
+def loss_of(ys: Any, weights: tuple[np.ndarray, ...]) -> torch.Tensor:
+    """``sum_k <w_k, y(t_k)>`` over every state leaf."""
+    ys = ys if isinstance(ys, tuple) else (ys,)
+    return sum(
+        (torch.as_tensor(w, dtype=y.dtype, device=y.device) * y).sum()
+        for w, y in zip(weights, ys, strict=True)
+    )
+
+
+def solve(case: Case, solver: Solver, dtype: str, device: str, mode: str) -> Result:
+    """Solve the case, differentiate its loss, return NumPy outputs and gradients."""
+    if solver.torch_method is None:
+        raise ValueError(f"{solver.name} is not a torchdiffeq method")
+    tdt = _dtype(dtype)
+    func = (FieldModule if solver.grid == "fixed" else StepRecordingField)(case, tdt, device)
+    y0s = _as_tensors(case.y0_leaves, tdt, device)
+    y0 = tuple(y0s) if case.is_tuple else y0s[0]
+    t = torch.tensor(case.t, dtype=tdt, device=device)
+    rtol, atol, options = solver_options(case, solver, dtype)
+    kw: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": solver.torch_method}
+    if mode == "host":
+        if solver.grid == "adaptive":
+            first = _torchdiffeq_first_step(func, y0, t, solver.torch_method, rtol, atol)
+            options = {**options, "first_step": first}
+        ys = torchdiffeq.odeint(func, y0, t, options=options, **kw)
+    elif mode in ("states", "stages"):
+        ys = odeint_ours(func, y0, t, mode, options=options, **kw)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    params = list(func.params.values())
+    grads = torch.autograd.grad(loss_of(ys, case.weight_leaves), [*y0s, *params], allow_unused=True)
+    names = grad_keys(len(y0s), list(func.params.keys()))
+    out = {
+        k: (np.zeros(x.shape) if g is None else g.detach().cpu().double().numpy())
+        for k, g, x in zip(names, grads, [*y0s, *params], strict=True)
+    }
+    leaves = ys if isinstance(ys, tuple) else (ys,)
+    return Result(
+        ys=tuple(y.detach().cpu().double().numpy() for y in leaves),
+        grads=out,
+        steps=None if solver.grid == "fixed" else tuple(func.accepted),
+    )

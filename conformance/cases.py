@@ -1,0 +1,403 @@
+"""Backend-neutral conformance cases: each problem is defined once, as NumPy data.
+
+A :class:`Case` holds everything a backend needs to pose the same problem: the vector
+field (written once against the array API, so the same function runs on NumPy, torch
+and JAX arrays), the initial state, the learnable parameters, the output times, the
+step size for fixed grids, the tolerances for adaptive solves, and the cotangent
+weights of the scalar loss ``L = sum_k <w_k, y(t_k)>``. The backends
+(:mod:`conformance.backends`) only translate this data into their own arrays.
+
+All output times are multiples of the fixed step ``h`` away from ``t[0]`` and ``h`` is a
+power of two, so a fixed grid lands on every output time exactly in both host
+libraries (torchdiffeq interpolates outputs, diffrax steps onto ``t1``): the step
+sequences are then identical and gradients can be compared across libraries at
+rounding level.
+
+:data:`SOLVERS` lists the methods; :func:`jax_plan` and :func:`torch_plan` say which
+(case, solver, dtype) triples each backend runs. Torch is eager and cheap, so it runs
+every method on every case; every JAX configuration costs a trace and an XLA compile
+(about 3 s on the CI machine), so JAX runs a rotating selection that still covers each
+method and each case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+__all__ = [
+    "CASES",
+    "CASES_BY_NAME",
+    "Case",
+    "DTYPES",
+    "SOLVERS",
+    "SOLVERS_BY_NAME",
+    "Solver",
+    "jax_plan",
+    "torch_plan",
+]
+
+Array = Any
+State = Any  # one array, or a tuple of arrays (a PyTree state)
+Params = Mapping[str, Array]
+Field = Callable[[Any, State, Params], State]
+
+DTYPES = ("float64", "float32")
+
+
+# --------------------------------------------------------------------- vector fields
+# Each field is f(t, y, p) with t a 0-d array of y's dtype (the builders cast it), y the
+# state and p a mapping of parameter arrays. Only array-API operations are used.
+
+
+def linear_field(t: Array, y: Array, p: Params) -> Array:
+    """``y' = A y`` for a batch of row vectors: the case with an exact discrete oracle."""
+    return y @ p["A"].T
+
+
+def mlp_field(t: Array, y: Array, p: Params) -> Array:
+    """Time-dependent two-layer tanh network ``W2 tanh(W1 y + t u + b1) + b2``, row-wise."""
+    xp = array_namespace(y)
+    return xp.tanh(y @ p["W1"].T + t * p["u"] + p["b1"]) @ p["W2"].T + p["b2"]
+
+
+def tanh_layer_field(t: Array, y: Array, p: Params) -> Array:
+    """Autonomous one-layer field ``tanh(W y + b) - y``: contracting, smooth."""
+    xp = array_namespace(y)
+    return xp.tanh(y @ p["W"].T + p["b"]) - y
+
+
+def lotka_volterra_field(t: Array, y: Array, p: Params) -> Array:
+    """Predator-prey ``x' = a x - b x y, y' = d x y - g y`` with ``theta = (a, b, d, g)``."""
+    xp = array_namespace(y)
+    a, b, d, g = (p["theta"][i] for i in range(4))
+    x, z = y[..., 0], y[..., 1]
+    return xp.stack([a * x - b * x * z, d * x * z - g * z], axis=-1)
+
+
+def pendulum_field(t: Array, y: Array, p: Params) -> Array:
+    """Damped pendulum ``theta' = omega, omega' = -k0 sin(theta) - k1 omega``."""
+    xp = array_namespace(y)
+    th, om = y[..., 0], y[..., 1]
+    return xp.stack([om, -p["k"][0] * xp.sin(th) - p["k"][1] * om], axis=-1)
+
+
+def van_der_pol_field(t: Array, y: Array, p: Params) -> Array:
+    """Van der Pol oscillator ``x' = v, v' = mu (1 - x^2) v - x`` with learnable ``mu``."""
+    xp = array_namespace(y)
+    x, v = y[..., 0], y[..., 1]
+    return xp.stack([v, p["mu"][0] * (1 - x * x) * v - x], axis=-1)
+
+
+def coupled_tuple_field(t: Array, y: tuple[Array, Array], p: Params) -> tuple[Array, Array]:
+    """Second-order system held as a tuple state ``(q, v)``:
+    ``q' = v, v' = -K q - U^T tanh(U q)`` (row-wise; a PyTree state in JAX)."""
+    xp = array_namespace(y[0])
+    q, v = y
+    return v, -(q @ p["K"].T) - xp.tanh(q @ p["U"].T) @ p["U"]
+
+
+def cnf2d_field(t: Array, y: tuple[Array, Array], p: Params) -> tuple[Array, Array]:
+    """2-D continuous normalising flow ``(z, log p)``: ``z' = W2 tanh(W1 z + t u + b1)``,
+    ``(log p)' = -tr(dz'/dz)``, the trace in closed form (exact, no estimator):
+    ``tr(W2 diag(1 - a^2) W1) = sum_j (1 - a_j^2) sum_i W1[j, i] W2[i, j]``."""
+    xp = array_namespace(y[0])
+    z, _ = y
+    a = xp.tanh(z @ p["W1"].T + t * p["u"] + p["b1"])
+    diag = xp.sum(p["W1"] * p["W2"].T, axis=-1)
+    return a @ p["W2"].T, -((1 - a * a) @ diag)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+    """One conformance problem, as NumPy data.
+
+    Arguments:
+        name: identifier used in test ids.
+        why: what the case exercises (shown in failure messages).
+        field: the vector field ``f(t, y, p)``.
+        y0: initial state (array, or tuple of arrays for a PyTree state).
+        params: learnable parameters by name.
+        t: output times; ``t[0]`` is the initial time (may decrease).
+        h: fixed step size (a power of two; every output time is on the grid).
+        rtol, atol: tolerances of the adaptive solves.
+        weights: loss cotangents, same structure as the stacked outputs.
+        oracle: the exact discrete gradient is available (linear ODE).
+        numpy_vjp: name of the hand-written VJP in the NumPy reference, if any.
+    """
+
+    name: str
+    why: str
+    field: Field
+    y0: np.ndarray | tuple[np.ndarray, ...]
+    params: dict[str, np.ndarray]
+    t: np.ndarray
+    h: float
+    rtol: float = 1e-7
+    atol: float = 1e-9
+    weights: np.ndarray | tuple[np.ndarray, ...] = ()
+    oracle: bool = False
+    numpy_vjp: str | None = None
+
+    @property
+    def is_tuple(self) -> bool:
+        return isinstance(self.y0, tuple)
+
+    @property
+    def y0_leaves(self) -> tuple[np.ndarray, ...]:
+        return self.y0 if isinstance(self.y0, tuple) else (self.y0,)
+
+    @property
+    def weight_leaves(self) -> tuple[np.ndarray, ...]:
+        return self.weights if isinstance(self.weights, tuple) else (self.weights,)
+
+    @property
+    def n_steps(self) -> int:
+        n = (self.t[-1] - self.t[0]) / self.h
+        return int(round(abs(n)))
+
+    def tolerances(self, dtype: str, loosen: float = 1.0) -> tuple[float, float]:
+        """(rtol, atol) of adaptive solves; float32 cannot resolve float64 tolerances."""
+        rtol, atol = self.rtol * loosen, self.atol * loosen
+        if dtype == "float32":
+            return max(rtol, 1e-5), max(atol, 1e-6)
+        return rtol, atol
+
+    @property
+    def signed_h(self) -> float:
+        return self.h if self.t[-1] >= self.t[0] else -self.h
+
+    def __repr__(self) -> str:
+        return f"Case({self.name})"
+
+
+def _case(
+    name: str, why: str, field: Field, y0: Any, params: dict, t: list, h: float, **kw
+) -> Case:
+    """Build a case; loss weights are drawn from a generator seeded by the case name."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    t_arr = np.asarray(t, dtype=np.float64)
+    leaves = y0 if isinstance(y0, tuple) else (y0,)
+    w = tuple(rng.normal(size=(len(t_arr), *np.shape(leaf))) for leaf in leaves)
+    for ti in t_arr:  # every output time is on the fixed grid
+        assert float((ti - t_arr[0]) / h).is_integer(), (name, ti)
+    return Case(
+        name=name,
+        why=why,
+        field=field,
+        y0=y0,
+        params={k: np.asarray(v, dtype=np.float64) for k, v in params.items()},
+        t=t_arr,
+        h=h,
+        weights=w if isinstance(y0, tuple) else w[0],
+        **kw,
+    )
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _mlp_params(seed: int, dim: int, hidden: int) -> dict[str, np.ndarray]:
+    r = _rng(seed)
+    return {
+        "W1": r.normal(size=(hidden, dim)) / np.sqrt(dim),
+        "u": r.normal(size=hidden),
+        "b1": 0.1 * r.normal(size=hidden),
+        "W2": r.normal(size=(dim, hidden)) / np.sqrt(hidden),
+        "b2": 0.1 * r.normal(size=dim),
+    }
+
+
+CASES: tuple[Case, ...] = (
+    _case(
+        "linear",
+        "y' = A y: one RK step is y -> R(hA) y, so the exact discrete gradient is known "
+        "in closed form (the oracle); catches any wrong tableau coefficient or adjoint term.",
+        linear_field,
+        _rng(1).normal(size=(2, 3)),
+        {"A": [[-0.5, 1.0, 0.2], [-1.0, -0.3, 0.1], [0.3, -0.2, -0.4]]},
+        [0.0, 0.5, 1.0],
+        1 / 8,
+        oracle=True,
+        numpy_vjp="linear",
+    ),
+    _case(
+        "mlp",
+        "Time-dependent batched MLP, the typical neural ODE: exercises stage times "
+        "(t enters the network) and parameter cotangents summed over a batch.",
+        mlp_field,
+        _rng(2).normal(size=(4, 3)),
+        _mlp_params(3, 3, 8),
+        [0.0, 1.0],
+        1 / 8,
+        numpy_vjp="mlp",
+    ),
+    _case(
+        "lotka_volterra",
+        "Lotka-Volterra with learnable rates: a nonlinear, non-network field whose "
+        "parameters are a single vector indexed inside f.",
+        lotka_volterra_field,
+        np.array([[1.0, 1.0], [2.0, 0.5]]),
+        {"theta": [1.5, 1.0, 1.0, 3.0]},
+        [0.0, 1.0],
+        1 / 8,
+        numpy_vjp="lotka_volterra",
+    ),
+    _case(
+        "pendulum",
+        "Damped pendulum with learnable stiffness and damping: trigonometric field, "
+        "scalar-like parameters.",
+        pendulum_field,
+        np.array([[1.0, 0.0], [-0.5, 2.0], [2.5, -1.0]]),
+        {"k": [9.81 / 4, 0.3]},
+        [0.0, 1.0],
+        1 / 16,
+        numpy_vjp="pendulum",
+    ),
+    _case(
+        "van_der_pol",
+        "Van der Pol on a short horizon (mu = 2): stiffening polynomial nonlinearity; "
+        "the adaptive solvers take uneven steps.",
+        van_der_pol_field,
+        np.array([[2.0, 0.0], [0.5, -1.0]]),
+        {"mu": [2.0]},
+        [0.0, 0.5],
+        1 / 16,
+        numpy_vjp="van_der_pol",
+    ),
+    _case(
+        "tuple_state",
+        "State is a tuple (q, v) (a PyTree in JAX, a tuple of tensors in torchdiffeq): "
+        "cotangents must be split and joined per leaf.",
+        coupled_tuple_field,
+        (_rng(5).normal(size=(2, 2)), _rng(6).normal(size=(2, 2))),
+        {"K": [[2.0, 0.3], [0.3, 1.0]], "U": _rng(7).normal(size=(3, 2))},
+        [0.0, 1.0],
+        1 / 8,
+    ),
+    _case(
+        "many_outputs",
+        "Five output times inside the interval: every output adds a cotangent in the "
+        "middle of the reverse sweep (and, for adaptive solvers, an interpolant VJP).",
+        tanh_layer_field,
+        _rng(8).normal(size=(3, 2)),
+        {"W": _rng(9).normal(size=(2, 2)), "b": _rng(10).normal(size=2)},
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        1 / 8,
+        numpy_vjp="tanh_layer",
+    ),
+    _case(
+        "decreasing_time",
+        "Time runs backwards (t = 1 -> 0.5 -> 0): negative steps, reversed stage times.",
+        mlp_field,
+        _rng(11).normal(size=(2, 3)),
+        _mlp_params(12, 3, 6),
+        [1.0, 0.5, 0.0],
+        1 / 8,
+        numpy_vjp="mlp",
+    ),
+    _case(
+        "cnf2d",
+        "One step of a 2-D continuous normalising flow: state (z, log p) with the exact "
+        "divergence; log p never feeds back into f, so part of the state is a pure output.",
+        cnf2d_field,
+        (_rng(13).normal(size=(5, 2)), np.zeros(5)),
+        {k: v for k, v in _mlp_params(14, 2, 6).items() if k != "b2"},
+        [0.0, 1.0],
+        1 / 8,
+    ),
+)
+
+CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
+
+
+# ------------------------------------------------------------------------- solvers
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """A solver configuration, named as in test ids.
+
+    Arguments:
+        name: id (``"dopri5@h"`` is dopri5 forced onto the constant grid of step ``h``).
+        tableau: core tableau name (for the NumPy reference and the oracle).
+        torch_method: torchdiffeq method name (``None``: not in torchdiffeq).
+        diffrax_solver: diffrax solver class name (``None``: not in diffrax).
+        grid: ``"fixed"`` (torchdiffeq fixed-grid solver with ``step_size=h``),
+            ``"forced"`` (adaptive solver held at constant ``h``; diffrax
+            ``ConstantStepSize``) or ``"adaptive"`` (error control at the case tolerances).
+        loosen: factor on the case tolerances for adaptive solves (low-order methods
+            would need thousands of steps at the tolerances that suit dopri5).
+    """
+
+    name: str
+    tableau: str
+    torch_method: str | None
+    diffrax_solver: str | None
+    grid: str
+    loosen: float = 1.0
+
+    @property
+    def constant_steps(self) -> bool:
+        """Both libraries take the same constant steps of size ``h``."""
+        return self.grid in ("fixed", "forced")
+
+
+SOLVERS: tuple[Solver, ...] = (
+    Solver("euler", "euler", "euler", "Euler", "fixed"),
+    Solver("midpoint", "midpoint", "midpoint", "Midpoint", "fixed"),
+    Solver("heun2", "heun2", "heun2", "Heun", "fixed"),
+    Solver("rk4", "rk38", "rk4", None, "fixed"),  # torchdiffeq's rk4 is the 3/8 rule
+    Solver("heun3", "heun3", "heun3", None, "fixed"),
+    Solver("bosh3@h", "bosh3", "bosh3", "Bosh3", "forced"),
+    Solver("dopri5@h", "dopri5", "dopri5", "Dopri5", "forced"),
+    Solver("dopri8@h", "dopri8", "dopri8", "Dopri8", "forced"),
+    Solver("dopri5", "dopri5", "dopri5", "Dopri5", "adaptive"),
+    Solver("bosh3", "bosh3", "bosh3", None, "adaptive", loosen=1e3),
+    Solver("dopri8", "dopri8", "dopri8", None, "adaptive"),
+    Solver("fehlberg2", "fehlberg2", "fehlberg2", None, "adaptive", loosen=1e4),
+    Solver("adaptive_heun", "adaptive_heun", "adaptive_heun", None, "adaptive", loosen=1e4),
+    Solver("tsit5", "tsit5", None, "Tsit5", "adaptive"),
+)
+SOLVERS_BY_NAME: dict[str, Solver] = {s.name: s for s in SOLVERS}
+
+# JAX selection: (case, solvers in float64, solvers in float32). Each constant-step
+# diffrax method appears on at least one case, dopri5@h on several; adaptive solves
+# (not comparable across libraries: the controllers differ) on cases that stress
+# interpolation, PyTrees and reversed time.
+_JAX_PLAN: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("dopri5@h", "heun2"), ()),
+    "mlp": (("dopri8@h",), ("dopri5@h",)),
+    "lotka_volterra": (("bosh3@h",), ()),
+    "pendulum": (("midpoint",), ()),
+    "van_der_pol": (("euler",), ()),
+    "tuple_state": (("dopri5@h", "tsit5"), ()),
+    "many_outputs": (("bosh3@h", "dopri5"), ()),
+    "decreasing_time": (("dopri5@h", "tsit5"), ()),
+    "cnf2d": (("heun2",), ("tsit5",)),
+}
+#: JAX configurations that also run the stage-checkpointing mode.
+JAX_STAGES = {("linear", "dopri5@h"), ("tuple_state", "dopri5@h"), ("cnf2d", "heun2")}
+
+
+def torch_plan() -> list[tuple[Case, Solver, str]]:
+    """Every case with every torchdiffeq method, in both dtypes."""
+    return [(c, s, d) for c in CASES for s in SOLVERS if s.torch_method is not None for d in DTYPES]
+
+
+def jax_plan() -> list[tuple[Case, Solver, str]]:
+    """The JAX selection above, as (case, solver, dtype) triples."""
+    out = []
+    for c in CASES:
+        f64, f32 = _JAX_PLAN[c.name]
+        out += [(c, SOLVERS_BY_NAME[s], "float64") for s in f64]
+        out += [(c, SOLVERS_BY_NAME[s], "float32") for s in f32]
+    return out
