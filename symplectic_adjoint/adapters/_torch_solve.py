@@ -245,11 +245,13 @@ class Store:
         self.stored[n] = (y, k1 if self.keep_k1 and carried else None)
 
 
-def _check_finite(x: torch.Tensor, what: str, t: Any, sign: float) -> None:
+def _check_finite(x: torch.Tensor, sign: float, t0: Any, dt: Any) -> None:
+    """Raise if ``x`` has inf/nan, naming the step ``[t0, t0 + dt]`` in user time."""
     if not bool(torch.isfinite(x).all()):
+        a, b = sign * float(t0), sign * (float(t0) + float(dt))
         raise FloatingPointError(
-            f"non-finite values (inf or nan) in {what} at t={sign * float(t):.17g}: the "
-            "vector field returned inf/nan or the solution blew up"
+            f"non-finite values (inf or nan) in the state during the step from t={a:.17g} "
+            f"to t={b:.17g}: the vector field returned inf/nan or the solution blew up"
         )
 
 
@@ -281,9 +283,9 @@ class _AdaptiveRecording:
             log.n_rejected += 1
             # A nan/inf slope makes the error ratio nan and with it the next step size;
             # torchdiffeq would only fail later with "underflow in dt".
-            _check_finite(new.dt, "the state during the step", t0, self._sign)
+            _check_finite(new.dt, self._sign, t0, rec.dt_attempt)
             return new
-        _check_finite(new.y1, "the state after the step", new.t1, self._sign)
+        _check_finite(new.y1, self._sign, t0, rec.dt_accept)
         n = len(log)
         log.t0.append(t0)
         log.t1.append(new.t1)
@@ -318,7 +320,7 @@ class _FixedRecording:
             dy, f0 = super()._step_func(func, t0, dt, t1, y0)
         finally:
             calls, rec.calls = rec.calls, None
-        _check_finite(dy, "the step increment", t0, self._sign)
+        _check_finite(dy, self._sign, t0, dt)
         n = len(log)
         log.t0.append(t0)
         log.t1.append(t1)
