@@ -393,9 +393,13 @@ class Plan:
             return None, None
         inputs = [x, *self.params, ti] if self.need_t else [x, *self.params]
         grads = torch.autograd.grad(out, inputs, cot, allow_unused=True)
-        for acc, g in zip(self.acc, grads[1 : 1 + len(self.params)], strict=True):
-            if g is not None:
-                acc.add_(g)
+        pg = grads[1 : 1 + len(self.params)]
+        if any(g is None for g in pg):  # parameters this evaluation did not touch
+            pairs = [(a, g) for a, g in zip(self.acc, pg, strict=True) if g is not None]
+            if pairs:
+                torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
+        elif pg:
+            torch._foreach_add_(self.acc, list(pg))  # one fused call per evaluation
         return grads[0], (grads[-1] if self.need_t else None)
 
     def _slopes(self, m: int, y: torch.Tensor, k1_stored: Any, *, replay: bool):
