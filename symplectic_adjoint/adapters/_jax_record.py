@@ -1,0 +1,231 @@
+"""Forward half of the diffrax adapter: which solvers it can reverse, and the recorded solve.
+
+The forward pass is diffrax's own loop (``diffrax._integrate.loop``), so the accepted
+steps and every saved value are diffrax's. What this module adds is a *recording* outer
+while-loop: it wraps diffrax's loop body, and whenever a call of that body accepted a
+step (``num_accepted_steps`` went up) it writes into ``max_steps``-sized buffers
+
+* the step's start and end times ``tprev``/``tnext`` (they differ from the neighbours'
+  end/start across a ``jump_ts`` entry, where diffrax steps to ``prevbefore`` and
+  restarts ``nextafter`` the jump, so both are kept),
+* the state ``y_{n+1}`` after the step (slot 0 holds ``y_0``), so that step ``n`` can be
+  replayed from ``y_n``,
+* the save-buffer and ``SaveAt(ts=...)`` indices before and after the step, which say
+  which outputs the step wrote,
+* with ``checkpoint="stages"`` also the stage increments ``K_i`` of the step, taken from
+  the solver's dense-output information (via :class:`StageKeepingSolver`).
+
+Times are recorded as values: the accepted grid is constant data for the adjoint
+(DESIGN.md section 3.1); nothing here is differentiated.
+"""
+
+from __future__ import annotations
+
+import functools as ft
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import equinox.internal as eqxi
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from diffrax._solver.runge_kutta import ButcherTableau as DiffraxTableau
+
+from ..core.tableau import ButcherTableau
+
+__all__ = ["Record", "StageKeepingSolver", "core_tableau", "recording_loops"]
+
+_ALTERNATIVE = "use `adjoint=diffrax.RecursiveCheckpointAdjoint()` instead"
+
+
+def core_tableau(solver: Any) -> ButcherTableau:
+    """The explicit tableau of ``solver`` as a core :class:`ButcherTableau`.
+
+    The coefficients are diffrax's own floats (read back exactly: a float's shortest
+    ``repr`` is what the core's exact rational is built from), so the reverse recursion
+    differentiates precisely the map diffrax computes. ``Euler`` is not an
+    ``AbstractRungeKutta`` in diffrax; it is the one-stage tableau ``c=0, b=1``.
+
+    Raises:
+        NotImplementedError: implicit, IMEX, stochastic or wrapped solvers (naming the
+            alternative adjoint).
+    """
+    name = type(solver).__name__
+    if type(solver) is diffrax.Euler:
+        return ButcherTableau.from_lower("euler", c=[0], a_lower=[], b=[1], order=1)
+    if isinstance(solver, diffrax.HalfSolver) or isinstance(solver, diffrax.AbstractWrappedSolver):
+        raise NotImplementedError(
+            f"`SymplecticAdjoint` cannot reverse the wrapped solver `{name}` (its step is "
+            f"several steps of the inner solver plus an error estimate); {_ALTERNATIVE}, "
+            "or an explicit solver with its own error estimate (e.g. `Tsit5()`)."
+        )
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        raise NotImplementedError(
+            f"`SymplecticAdjoint` handles explicit Runge--Kutta solvers only; `{name}` is "
+            f"implicit: {_ALTERNATIVE}."
+        )
+    tab = getattr(type(solver), "tableau", None)
+    if not isinstance(solver, diffrax.AbstractERK) or not isinstance(tab, DiffraxTableau):
+        raise NotImplementedError(
+            f"`SymplecticAdjoint` handles diffrax's explicit Runge--Kutta solvers (Euler, "
+            f"Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8, ...); `{name}` is not "
+            f"one (SDE, IMEX and multistep solvers are refused): {_ALTERNATIVE}."
+        )
+    if tab.implicit or tab.c1 != 0:
+        raise NotImplementedError(
+            f"`SymplecticAdjoint`: the tableau of `{name}` is not explicit: {_ALTERNATIVE}."
+        )
+    return ButcherTableau.from_lower(
+        name.lower(),
+        c=[0.0, *(float(x) for x in tab.c)],
+        a_lower=[[float(x) for x in row] for row in tab.a_lower],
+        b=[float(x) for x in tab.b_sol],
+        order=1,  # metadata only; the kernels never read it
+        fsal=bool(tab.fsal),
+        exact=False,  # decimal coefficients: rows sum to c only to rounding
+    )
+
+
+class StageKeepingSolver(diffrax.AbstractSolver):
+    """Wraps an explicit Runge--Kutta solver so that its state also carries the stage
+    increments ``K_i`` (``dense_info["k"]``) of the last accepted step.
+
+    diffrax's loop keeps or discards the solver state with the step, so after every
+    accepted step the recording loop finds that step's increments in
+    ``state.solver_state[1]``. Everything else is delegated unchanged, so the solve is
+    bitwise diffrax's.
+    """
+
+    solver: diffrax.AbstractSolver
+
+    @property
+    def term_structure(self):  # type: ignore[override]
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # type: ignore[override]
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):  # type: ignore[override]
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        raise AssertionError("diffeqsolve initialises the wrapped solver")
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        inner_state, _ = solver_state
+        y1, err, dense_info, inner_state, result = self.solver.step(
+            terms, t0, t1, y0, args, inner_state, made_jump
+        )
+        return y1, err, dense_info, (inner_state, dense_info["k"]), result
+
+
+class Record(eqx.Module):
+    """What the forward pass keeps per accepted step (buffers sized by ``max_steps``).
+
+    ``ys[n]`` is the state at the start of step ``n`` (``ys[num_steps]`` the final
+    state); ``tprev[n]``/``tnext[n]`` the step's ends; ``save_before``/``save_after`` the
+    save-buffer index and ``ts_before``/``ts_after`` the ``SaveAt(ts=...)`` index around
+    the step; ``ks`` the stage increments (``checkpoint="stages"`` only, else ``None``).
+    """
+
+    ys: Any
+    tprev: Any
+    tnext: Any
+    save_before: Any
+    save_after: Any
+    ts_before: Any
+    ts_after: Any
+    ks: Any
+
+
+def _save_index(save_state) -> tuple[Any, Any]:
+    # A single SubSaveAt (checked by the adjoint): its SaveState is the whole tree.
+    return jnp.asarray(save_state.save_index), jnp.asarray(save_state.saveat_ts_index)
+
+
+def _empty_record(init_state, max_steps: int, k_struct) -> Record:
+    y0 = init_state.y
+    time_dtype = jnp.result_type(init_state.tprev)
+    ys = jtu.tree_map(
+        lambda x: jnp.zeros((max_steps + 1, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
+    )
+    zeros_t = jnp.zeros(max_steps, time_dtype)
+    zeros_i = jnp.zeros(max_steps, jnp.int32)
+    ks = None
+    if k_struct is not None:
+        ks = jtu.tree_map(lambda x: jnp.zeros((max_steps, *x.shape), x.dtype), k_struct)
+    return Record(ys, zeros_t, zeros_t, zeros_i, zeros_i, zeros_i, zeros_i, ks)
+
+
+def recording_loops(max_steps: int, k_struct) -> tuple[Any, Any, list]:
+    """Outer/inner while-loops to hand to diffrax's ``loop``, and a one-element list that
+    receives the :class:`Record` once the outer loop has run (the loop's return value is
+    diffrax's final state, whose type the caller cannot extend).
+
+    ``k_struct`` is the shape of one step's stacked increments when stages are kept, else
+    ``None``.
+    """
+    box: list = []
+    inner = ft.partial(eqxi.while_loop, kind="lax")
+
+    def outer(cond_fun, body_fun, init_val, *, max_steps: int, buffers):
+        record = _empty_record(init_val, max_steps, k_struct)
+
+        def cond(carry):
+            return cond_fun(carry[0])
+
+        def body(carry):
+            state, rec = carry
+            new = body_fun(state)
+            n = jnp.asarray(state.num_accepted_steps)
+            accepted = jnp.asarray(new.num_accepted_steps) > n
+
+            # Writes at `n` are overwritten until the step is accepted, so rejected
+            # attempts leave no trace; the conditional keeps earlier slots intact when
+            # `n` is out of range after the last step (clamped writes).
+            def put(buf, i, x):
+                return buf.at[i].set(jnp.where(accepted, x, buf[i]))
+
+            sb, tb = _save_index(state.save_state)
+            sa, ta = _save_index(new.save_state)
+            ks = rec.ks
+            if ks is not None:
+                ks = jtu.tree_map(lambda b, k: put(b, n, k), ks, new.solver_state[1])
+            rec = Record(
+                ys=jtu.tree_map(lambda b, y: put(b, n + 1, y), rec.ys, new.y),
+                tprev=put(rec.tprev, n, state.tprev),
+                tnext=put(rec.tnext, n, state.tnext),
+                save_before=put(rec.save_before, n, sb),
+                save_after=put(rec.save_after, n, sa),
+                ts_before=put(rec.ts_before, n, tb),
+                ts_after=put(rec.ts_after, n, ta),
+                ks=ks,
+            )
+            return new, rec
+
+        final_state, rec = eqxi.while_loop(
+            cond,
+            body,
+            (init_val, record),
+            max_steps=max_steps,
+            buffers=lambda carry: buffers(carry[0]),
+            kind="lax",
+        )
+        box.append(rec)
+        return final_state
+
+    return outer, inner, box
