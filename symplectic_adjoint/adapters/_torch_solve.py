@@ -143,7 +143,8 @@ class Recorder:
     """
 
     def __init__(self, func: Any, *, adaptive: bool) -> None:
-        self.func = func
+        self.func = func  # torchdiffeq's _PerturbFunc: carries the user's callbacks
+        self.base = func.base_func
         self.adaptive = adaptive
         self.nfe = 0
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -154,7 +155,14 @@ class Recorder:
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor, *, perturb: Perturb = Perturb.NONE):
         self.nfe += 1
-        out = self.func(t, y, perturb=perturb)
+        # _PerturbFunc's semantics (cast t to y's real dtype, then step one ulp for
+        # NEXT/PREV), without its per-call y.abs() and autograd wrapper: no grad here.
+        t = t.to(y.dtype)
+        if perturb is Perturb.NEXT:
+            t = torch.nextafter(t, t + 1)
+        elif perturb is Perturb.PREV:
+            t = torch.nextafter(t, t - 1)
+        out = self.base(t, y)
         if self.adaptive and perturb is Perturb.NEXT:
             self.jump_k1 = out
         elif self.calls is not None:
