@@ -35,7 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..core.checkpointing import execute, store_all_schedule
-from ..core.step import lincomb, rk_step_vjp
+from ..core.step import _add, lincomb, rk_step_vjp  # _add: None-aware sum
 from ._torch_solve import (
     ADAPTIVE_METHODS,
     CHAIN,
@@ -98,14 +98,6 @@ class SolveStats:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"SolveStats({fields})"
-
-
-def _add(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
 
 
 def _sub(a: Any, b: Any) -> Any:

@@ -149,16 +149,19 @@ def odeint(
     )  # fmt: skip
     plan.param_refs = params
     out = SymplecticFunction.apply(plan, y0_flat, t_solver, *params)
-    if event_fn is None:
-        solution = out
-    else:
-        event_t, solution = out
-        event_t = event_t.to(t_solver)
-        if reverse:
-            event_t = -event_t
+    return _user_output(out, event=event_fn is not None, t=t_solver, reverse=reverse,
+                        shapes=shapes)  # fmt: skip
+
+
+def _user_output(out: Any, *, event: bool, t: torch.Tensor, reverse: bool, shapes: Any) -> Any:
+    """torchdiffeq's post-processing: event time in t's dtype and user time, tuple shapes."""
+    solution = out[1] if event else out
     if shapes is not None:
-        solution = _flat_to_shape(solution, (len(t_solver),), shapes)
-    return solution if event_fn is None else (event_t, solution)
+        solution = _flat_to_shape(solution, (len(t),), shapes)
+    if not event:
+        return solution
+    event_t = out[0].to(t)
+    return (-event_t if reverse else event_t), solution
 
 
 def odeint_event(
@@ -337,12 +340,7 @@ def _odeint_tsit5(func, y0, t, *, rtol, atol, method, options, event_fn):
     )
     solver = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
     if event_fn is None:
-        solution = solver.integrate(t)
+        out = solver.integrate(t)
     else:
-        event_t, solution = solver.integrate_until_event(t[0], event_fn)
-        event_t = event_t.to(t)
-        if reverse:
-            event_t = -event_t
-    if shapes is not None:
-        solution = _flat_to_shape(solution, (len(t),), shapes)
-    return solution if event_fn is None else (event_t, solution)
+        out = solver.integrate_until_event(t[0], event_fn)
+    return _user_output(out, event=event_fn is not None, t=t, reverse=reverse, shapes=shapes)
