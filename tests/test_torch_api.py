@@ -215,3 +215,20 @@ def test_unused_parameter_listed_explicitly_gets_zero_gradient():
     ys = odeint(field, Y0, T, adjoint_params=(*field.parameters(), stray, stray))
     (g,) = torch.autograd.grad(ys.sum(), (stray,))
     assert torch.equal(g, torch.zeros(4, dtype=torch.float64))
+
+
+def test_user_step_callbacks_still_fire():
+    class Watched(Field):
+        def __init__(self):
+            super().__init__()
+            self.accepted: list[float] = []
+
+        def callback_accept_step(self, t0, y0, dt):
+            self.accepted.append(float(t0))
+
+    field = Watched()
+    st = SolveStats()
+    odeint(field, Y0, -T, stats=st, rtol=1e-6, atol=1e-8)  # decreasing: user-time callbacks
+    assert len(field.accepted) == st.n_steps > 0
+    assert field.accepted[0] == 0.0
+    assert all(a > b for a, b in zip(field.accepted, field.accepted[1:], strict=False))
