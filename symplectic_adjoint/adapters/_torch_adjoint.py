@@ -257,7 +257,9 @@ class Plan:
         spec = [(n, tuple(tuple(map(put, part)) for part in self._parts(st))) for n, st in
                 self.stored.items()]  # fmt: skip
         final = put(self.log.y_final)
-        self.stored = None  # the tensors now live in ctx only
+        # The tensors now live in ctx only (so saved-tensor hooks that offload them
+        # really free the originals).
+        self.stored = self.store.stored = None
         self.log.y_final = None
         self.stats.n_checkpoints = len(tensors)
         self.stats.checkpoint_bytes = sum(x.numel() * x.element_size() for x in tensors)
