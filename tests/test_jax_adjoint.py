@@ -215,11 +215,12 @@ def test_vmap_grad_and_grad_vmap():
 
 def test_backsolve_is_not_exact_here():
     # The comparison discriminates: diffrax's continuous adjoint on the same solve (the
-    # Euler case above, whose compiled functions are reused) is off by far more than the
-    # tolerance the tests above demand.
+    # Dopri8 case above, whose compiled functions are reused; 8th order, so the continuous
+    # adjoint is at its most accurate) is still off by more than the tolerance the tests
+    # above demand (measured 3.7e-9; ours ~1e-16).
     field, y0, args = make_problem()
     ts = jnp.array(TS)
-    solver, controller, kind, dt0, checkpoint = CASES[0]
+    solver, controller, kind, dt0, checkpoint = CASES[-1]
     common = dict(solver=solver, controller=controller, saveat_kind=kind, dt0=dt0)
     _, g_ref = value_and_grad(field, y0, args, ts, adjoint=RCA, **common)
     _, g_ours = value_and_grad(
@@ -230,4 +231,4 @@ def test_backsolve_is_not_exact_here():
         field, y0, args, ts, adjoint=diffrax.BacksolveAdjoint(), diff_ts=False, **common
     )
     assert relerr(g_ours[:3], g_ref[:3]) <= 1e-10
-    assert relerr(g_back[:3], g_ref[:3]) > 1e-4
+    assert relerr(g_back[:3], g_ref[:3]) > 1e-9
