@@ -163,15 +163,15 @@ def _check(*, terms, solver, event, saveat, max_steps):
             f"`SymplecticAdjoint` handles ordinary (and controlled) differential equations, "
             f"not SDEs: {_ALTERNATIVE}."
         )
-    if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
-        raise NotImplementedError(
-            f"`SymplecticAdjoint` does not support `SaveAt(subs=...)`: {_ALTERNATIVE}, or "
-            "one solve per SubSaveAt."
-        )
     if saveat.dense:
         raise NotImplementedError(
             "`SymplecticAdjoint` does not support `SaveAt(dense=True)`; save the times you "
             f"need with `SaveAt(ts=...)`, or {_ALTERNATIVE}."
+        )
+    if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
+        raise NotImplementedError(
+            f"`SymplecticAdjoint` does not support `SaveAt(subs=...)`: {_ALTERNATIVE}, or "
+            "one solve per SubSaveAt."
         )
     if saveat.subs.fn is not save_y:
         raise NotImplementedError(

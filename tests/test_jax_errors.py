@@ -1,0 +1,104 @@
+"""What SymplecticAdjoint refuses, and that it says so at trace time naming an alternative."""
+
+from __future__ import annotations
+
+import pytest
+
+jax = pytest.importorskip("jax")
+diffrax = pytest.importorskip("diffrax")
+
+import jax.numpy as jnp  # noqa: E402
+
+from symplectic_adjoint import SymplecticAdjoint  # noqa: E402
+
+pytestmark = pytest.mark.jax
+
+TERM = diffrax.ODETerm(lambda t, y, args: -args * y)
+Y0 = jnp.array([1.0, 2.0])
+
+
+def solve(*, solver=None, terms=TERM, adjoint=None, **kwargs):
+    kwargs.setdefault("dt0", 0.1)
+    kwargs.setdefault("max_steps", 16)
+    return diffrax.diffeqsolve(
+        terms,
+        solver or diffrax.Tsit5(),
+        0.0,
+        1.0,
+        y0=Y0,
+        args=0.5,
+        adjoint=adjoint or SymplecticAdjoint(),
+        **kwargs,
+    )
+
+
+def test_checkpoint_values():
+    assert SymplecticAdjoint().checkpoint == "states"
+    assert SymplecticAdjoint(checkpoint="stages").checkpoint == "stages"
+    for bad in ("state", 3, None):
+        with pytest.raises(ValueError, match="'states'.*'stages'"):
+            SymplecticAdjoint(checkpoint=bad)
+
+
+@pytest.mark.parametrize(
+    "solver, match",
+    [
+        (diffrax.Kvaerno3(), "implicit.*RecursiveCheckpointAdjoint"),
+        (diffrax.ImplicitEuler(), "implicit.*RecursiveCheckpointAdjoint"),
+        (diffrax.HalfSolver(diffrax.Euler()), "wrapped solver.*RecursiveCheckpointAdjoint"),
+        (diffrax.LeapfrogMidpoint(), "not one.*RecursiveCheckpointAdjoint"),
+    ],
+    ids=["Kvaerno3", "ImplicitEuler", "HalfSolver", "LeapfrogMidpoint"],
+)
+def test_refused_solvers(solver, match):
+    controller = diffrax.ConstantStepSize()
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        controller = diffrax.PIDController(rtol=1e-3, atol=1e-3)
+    with pytest.raises(NotImplementedError, match=match):
+        solve(solver=solver, stepsize_controller=controller)
+
+
+def test_refused_sde():
+    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-2, shape=(2,), key=jax.random.PRNGKey(0))
+    terms = diffrax.MultiTerm(TERM, diffrax.ControlTerm(lambda t, y, args: 0.1 * y, bm))
+    with pytest.raises(NotImplementedError, match="SDE.*RecursiveCheckpointAdjoint"):
+        solve(solver=diffrax.Heun(), terms=terms)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(saveat=diffrax.SaveAt(dense=True)), NotImplementedError, "dense.*SaveAt\\(ts"),
+        (
+            dict(saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, a: y[0])),
+            NotImplementedError,
+            "fn=.*RecursiveCheckpointAdjoint",
+        ),
+        (
+            dict(saveat=diffrax.SaveAt(subs=[diffrax.SubSaveAt(t1=True)] * 2)),
+            NotImplementedError,
+            "subs",
+        ),
+        (dict(max_steps=None), ValueError, "max_steps=None.*checkpoints"),
+        (
+            dict(event=diffrax.Event(lambda t, y, args, **kw: y[0] < 0.5)),
+            NotImplementedError,
+            "events.*RecursiveCheckpointAdjoint",
+        ),
+    ],
+    ids=["dense", "fn", "subs", "max_steps_none", "event"],
+)
+def test_refused_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        solve(**kwargs)
+
+
+def test_time_gradients_other_than_output_times_are_refused():
+    def loss(t0):
+        sol = diffrax.diffeqsolve(
+            TERM, diffrax.Tsit5(), t0, 1.0, 0.1, Y0, 0.5, adjoint=SymplecticAdjoint()
+        )
+        return jnp.sum(sol.ys)
+
+    with pytest.raises(RuntimeError, match="cannot be autodifferentiated"):
+        jax.grad(loss)(0.0)
