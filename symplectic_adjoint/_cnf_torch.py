@@ -286,7 +286,7 @@ def median_seconds(
 
 def _batch(cfg: DemoConfig, n: int, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
     points = sample_density(cfg.density, n, rng=rng)
-    return torch.as_tensor(points, dtype=torch.float32, device=device)
+    return torch.as_tensor(points, dtype=getattr(torch, cfg.dtype), device=device)
 
 
 def _spec(cfg: DemoConfig) -> SolveSpec:
@@ -367,7 +367,7 @@ def run_demo(cfg: DemoConfig) -> Report:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)
-    model = CNF(hidden=cfg.hidden).to(device)
+    model = CNF(hidden=cfg.hidden).to(device=device, dtype=getattr(torch, cfg.dtype))
     spec = _spec(cfg)
 
     train(cfg, model, rng=rng)

@@ -146,7 +146,9 @@ class DemoConfig:
 
     ``solver`` is a method name of the backend (torchdiffeq's for torch, a diffrax
     solver class name in lower case for jax); fixed-step solves use ``ode_steps``
-    equal steps on ``[0, 1]``, adaptive torch methods use ``rtol``/``atol``.
+    equal steps on ``[0, 1]``, adaptive torch methods use ``rtol``/``atol``. ``dtype``
+    is the training precision (the gradient check always runs in float64). ``quick``
+    marks a smoke-test run: the jax backend then measures three methods instead of four.
     """
 
     backend: str = "torch"
@@ -165,6 +167,8 @@ class DemoConfig:
     plot_samples: int = 20000
     grid: int = 100
     timing_repeats: int = 5
+    dtype: str = "float32"
+    quick: bool = False
     seed: int = 0
     device: str = "cpu"
     out: Path = Path("demo-out")

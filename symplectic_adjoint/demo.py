@@ -33,13 +33,17 @@ __all__ = ["main", "parse_config"]
 #: Default ``--solver`` per backend: fixed-step 4th/5th-order methods.
 DEFAULT_SOLVER = {"torch": "rk4", "jax": "tsit5"}
 
-#: Sizes used by ``--quick``: tiny, for smoke tests (seconds, not a useful model).
+#: Sizes used by ``--quick``: tiny, for smoke tests (seconds, not a useful model). Training
+#: in float64 on a batch the size of the check batch lets JAX reuse one compilation per
+#: adjoint for training, the gradient check and the measurements.
 QUICK = dict(
+    quick=True,
+    dtype="float64",
     train_steps=3,
     ode_steps=4,
     batch=64,
     hidden=16,
-    check_batch=32,
+    check_batch=64,
     eval_points=256,
     plot_samples=1000,
     grid=24,
@@ -75,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=defaults.batch)
     p.add_argument("--hidden", type=int, default=defaults.hidden, help="MLP width")
     p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=defaults.dtype,
+        help="training precision (the gradient check is always float64)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="torch device (cpu, cuda)")
     p.add_argument("--out", type=Path, default=defaults.out, help="output directory")
@@ -99,12 +109,18 @@ def parse_config(argv: list[str] | None = None) -> DemoConfig:
         hidden=args.hidden,
         lr=args.lr,
         seed=args.seed,
+        dtype=args.dtype,
         device=args.device,
         out=args.out,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     if args.quick:
-        explicit = {"train_steps": "--steps", "ode_steps": "--ode-steps", "batch": "--batch"}
+        explicit = {
+            "train_steps": "--steps",
+            "ode_steps": "--ode-steps",
+            "batch": "--batch",
+            "dtype": "--dtype",
+        }
         overrides = {
             k: v for k, v in QUICK.items() if k not in explicit or explicit[k] not in (argv or [])
         }
