@@ -144,6 +144,8 @@ class Plan:
         checkpoint: ``"states"``, ``"stages"`` or a budget of stored states.
         sign: -1 when torchdiffeq negated time (decreasing ``t``), for error messages.
         stats: the :class:`SolveStats` to fill in.
+        params: the parameters to differentiate (those that require grad, each once);
+            the same tensors are handed to :class:`SymplecticFunction` as inputs.
     """
 
     def __init__(
@@ -158,8 +160,10 @@ class Plan:
         checkpoint: str | int,
         sign: float,
         stats: SolveStats,
+        params: tuple[torch.Tensor, ...],
     ) -> None:
         self.wfunc = wfunc
+        self.param_refs = params
         self.base = wfunc.base_func  # the field after torchdiffeq's time perturbation
         self.method = method
         self.options = options

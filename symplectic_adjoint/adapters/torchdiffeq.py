@@ -145,9 +145,8 @@ def odeint(
     plan = Plan(
         wfunc=wfunc, method=method, options=options, rtol=rtol, atol=atol,
         event_fn=event_fn, checkpoint=checkpoint, sign=-1.0 if reverse else 1.0,
-        stats=stats if stats is not None else SolveStats(),
+        stats=stats if stats is not None else SolveStats(), params=params,
     )  # fmt: skip
-    plan.param_refs = params
     out = SymplecticFunction.apply(plan, y0_flat, t_solver, *params)
     return _user_output(out, event=event_fn is not None, t=t_solver, reverse=reverse,
                         shapes=shapes)  # fmt: skip
