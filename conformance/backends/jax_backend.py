@@ -70,7 +70,7 @@ def make_loss(case: Case, solver: Solver, dtype: str, mode: str):
     else:
         rtol, atol = case.tolerances(dtype, solver.loosen)
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
-        dt0, max_steps = None, 4096
+        dt0, max_steps = None, 256
     saveat = diffrax.SaveAt(ts=jnp.asarray(case.t))
     adjoint = _adjoint(mode)
 
