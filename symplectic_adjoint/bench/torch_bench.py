@@ -30,8 +30,9 @@ import torchdiffeq
 from torch.profiler import ProfilerActivity, profile
 
 from ..adapters.torchdiffeq import SolveStats, odeint
+from .report import add_ratios, markdown
 
-__all__ = ["make_field", "run", "main"]
+__all__ = ["make_field", "measure", "peak_memory", "run", "main"]
 
 METHODS = ("backprop", "odeint_adjoint", "symplectic states", "symplectic stages")
 
@@ -57,7 +58,7 @@ def make_field(seed: int = 0) -> torch.nn.Module:
 
 
 def _gradient_fn(name: str, field: torch.nn.Module, y0: torch.Tensor, case: dict) -> Callable:
-    t = torch.tensor([0.0, case["t1"]])
+    t = torch.tensor([0.0, case["t1"]], dtype=y0.dtype, device=y0.device)
     params = tuple(field.parameters())
     kw: dict[str, Any] = dict(method=case["method"], options=dict(case["options"]))
     kw.update(case.get("tols", {}))
@@ -67,7 +68,9 @@ def _gradient_fn(name: str, field: torch.nn.Module, y0: torch.Tensor, case: dict
             return torchdiffeq.odeint(field, y0, t, **kw)
         if name == "odeint_adjoint":
             return torchdiffeq.odeint_adjoint(field, y0, t, **kw)
-        return odeint(field, y0, t, checkpoint=name.split()[-1], **kw)
+        mode = name.split()[-1]
+        checkpoint = int(mode[2:]) if mode.startswith("c=") else mode
+        return odeint(field, y0, t, checkpoint=checkpoint, **kw)
 
     def gradient() -> tuple[torch.Tensor, ...]:
         ys = solve()
@@ -76,8 +79,21 @@ def _gradient_fn(name: str, field: torch.nn.Module, y0: torch.Tensor, case: dict
     return gradient
 
 
-def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak of the running sum of the CPU allocator events while ``fn`` runs (bytes)."""
+def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak memory of ``fn`` in bytes (DESIGN.md section 5).
+
+    CPU: the peak of the running sum of the allocator events recorded by
+    ``torch.profiler`` (byte-reproducible). CUDA: ``torch.cuda.max_memory_allocated``
+    above what was allocated before the call.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     del out
@@ -106,42 +122,70 @@ def _relerr(g: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
     return (num / den) ** 0.5
 
 
-def run(*, steps: Sequence[int] = (50, 100, 200), repeats: int = 7, dopri5: bool = True) -> str:
-    """Run every case and method; return the Markdown table."""
-    torch.set_num_threads(1)
-    cases = [dict(label=f"rk4, {n} steps", method="rk4", options=dict(step_size=1.0 / n), t1=1.0)
+def _cases(steps: Sequence[int], dopri5: bool) -> list[dict]:
+    cases = [dict(case="rk4", method="rk4", options=dict(step_size=1.0 / n), t1=1.0, steps=n)
              for n in steps]  # fmt: skip
     if dopri5:
-        cases.append(dict(label="dopri5, tol 1e-6, [0, 10]", method="dopri5", options={},
+        cases.append(dict(case="dopri5 tol 1e-6", method="dopri5", options={},
                           tols=dict(rtol=1e-6, atol=1e-6), t1=10.0))  # fmt: skip
-    rows = [
-        "| case | method | peak memory (MiB) | memory / backprop | time per gradient (ms) "
-        "| time / backprop | rel. error vs backprop |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for case in cases:
-        field = make_field()
-        y0 = torch.randn(128, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-        stats = SolveStats()
-        t = torch.tensor([0.0, case["t1"]])
+    return cases
+
+
+def _pinned(case: dict, field: torch.nn.Module, y0: torch.Tensor) -> tuple[dict, int]:
+    """The case with ``first_step`` pinned to the symplectic solve's (the same discrete
+    solve for every method, DESIGN 3.1), and its number of accepted steps."""
+    stats = SolveStats()
+    t = torch.tensor([0.0, case["t1"]], dtype=y0.dtype, device=y0.device)
+    with torch.no_grad():
         odeint(field, y0, t, method=case["method"], options=dict(case["options"]), stats=stats,
                **case.get("tols", {}))  # fmt: skip
-        if case["method"] == "dopri5":  # the same discrete solve for every method
-            case["options"]["first_step"] = stats.first_step
-        label = f"{case['label']} ({stats.n_steps} steps)" if case["method"] == "dopri5" else (
-            case["label"])  # fmt: skip
-        fns = {name: _gradient_fn(name, field, y0, case) for name in METHODS}
-        ref = fns["backprop"]()
-        results = {}
-        for name, fn in fns.items():
-            results[name] = (peak_memory(fn), _median_time(fn, repeats), _relerr(fn(), ref))
-        mem_bp, time_bp, _ = results["backprop"]
-        for name, (mem, sec, err) in results.items():
-            rows.append(
-                f"| {label} | {name} | {mem / 2**20:.2f} | {mem / mem_bp:.3f} | {sec * 1e3:.1f} "
-                f"| {sec / time_bp:.2f} | {err:.1e} |"
-            )
-    return "\n".join(rows)
+    pinned = dict(case, options=dict(case["options"]))
+    if case["method"] == "dopri5":
+        pinned["options"]["first_step"] = stats.first_step
+    return pinned, stats.n_steps
+
+
+def measure(
+    *,
+    steps: Sequence[int] = (50, 100, 200),
+    repeats: int = 7,
+    dopri5: bool = True,
+    budgets: Sequence[int] = (10,),
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Every case and method, one row each (see :mod:`.report` for the fields)."""
+    torch.set_num_threads(1)
+    methods = [*METHODS, *(f"symplectic c={c}" for c in budgets)]
+    rows: list[dict] = []
+    for case in _cases(steps, dopri5):
+        field = make_field().to(device)
+        y0 = torch.randn(128, 16, generator=torch.Generator().manual_seed(1)).to(device)
+        case32, n = _pinned(case, field, y0)
+        field64, y64 = make_field().to(device).double(), y0.double()
+        case64, _ = _pinned(case, field64, y64)
+        y0.requires_grad_(True)
+        y64.requires_grad_(True)
+        ref32 = _gradient_fn("backprop", field, y0, case32)()
+        ref64 = _gradient_fn("backprop", field64, y64, case64)()
+        for name in methods:
+            if name.startswith("symplectic c=") and int(name.split("=")[1]) >= n:
+                continue  # a budget of at least N states is the store-all mode
+            if progress:
+                progress(f"torch {case['case']} N={n} {name}")
+            fn = _gradient_fn(name, field, y0, case32)
+            rows.append(dict(
+                backend="torch", case=case["case"], steps=n, method=name,
+                memory_bytes=peak_memory(fn, device), memory_kind=f"{device} allocator peak",
+                time_s=_median_time(fn, repeats), error=_relerr(fn(), ref32),
+                error_f64=_relerr(_gradient_fn(name, field64, y64, case64)(), ref64),
+            ))  # fmt: skip
+    return add_ratios(rows, reference="backprop")
+
+
+def run(*, steps: Sequence[int] = (50, 100, 200), repeats: int = 7, dopri5: bool = True) -> str:
+    """Run every case and method; return the Markdown table."""
+    return markdown(measure(steps=steps, repeats=repeats, dopri5=dopri5), reference="backprop")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
