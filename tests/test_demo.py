@@ -1,0 +1,111 @@
+"""Smoke tests of ``python -m symplectic_adjoint demo`` and of the programs in ``examples/``.
+
+Each runs with ``--quick`` (tiny sizes) and is checked for what a user sees: exit status,
+the summary lines, a non-empty PNG, and a gradient that agrees with backprop to rounding
+in float64. Nothing here is timed (timings are the demo's output, never an assertion).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GRAD_ERROR = re.compile(r"gradient rel\. error[^:]*:\s*([0-9.eE+-]+)")
+
+
+def _grad_error(output: str) -> float:
+    match = GRAD_ERROR.search(output)
+    assert match, f"no gradient error line in:\n{output}"
+    return float(match.group(1))
+
+
+def _check_summary(output: str, figure_dir: Path, *, methods: list[str]) -> None:
+    for label in ("final NLL", "gradient rel. error", "peak memory", "time/iter", "figure"):
+        assert label in output, f"missing {label!r} in:\n{output}"
+    for method in methods:
+        assert method in output
+    assert _grad_error(output) <= 1e-10
+    pngs = list(figure_dir.glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 0
+
+
+def _need(*modules: str) -> None:
+    for name in modules:
+        pytest.importorskip(name)
+
+
+def test_demo_cli_torch_quick(tmp_path: Path) -> None:
+    _need("torch", "torchdiffeq", "matplotlib", "tqdm")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "symplectic_adjoint", "demo", "--quick", "--no-progress"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_summary(proc.stdout, tmp_path, methods=["symplectic", "backprop", "continuous adjoint"])
+
+
+def test_demo_main_jax_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _need("jax", "diffrax", "equinox", "matplotlib", "tqdm")
+    from symplectic_adjoint import demo
+
+    argv = ["--backend", "jax", "--quick", "--no-progress", "--out", str(tmp_path)]
+    assert demo.main(argv) == 0
+    output = capsys.readouterr().out
+    _check_summary(output, tmp_path, methods=["symplectic", "RecursiveCheckpoint", "Backsolve"])
+
+
+def test_quick_keeps_explicit_sizes() -> None:
+    from symplectic_adjoint.demo import QUICK, parse_config
+
+    config = parse_config(["--quick", "--steps", "7", "--backend", "jax"])
+    assert config.train_steps == 7 and config.solver == "tsit5"
+    assert config.batch == QUICK["batch"] and config.quick
+    assert parse_config([]).solver == "rk4" and not parse_config([]).quick
+
+
+def _example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", REPO / "examples" / f"{name}.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_cnf_2d(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _need("torch", "torchdiffeq", "matplotlib")
+    figure = tmp_path / "cnf.png"
+    assert _example("cnf_2d").main(["--quick", "--out", str(figure)]) == 0
+    output = capsys.readouterr().out
+    assert "NLL" in output and "kept" in output
+    assert figure.stat().st_size > 0
+
+
+def test_example_learn_physics(capsys: pytest.CaptureFixture[str]) -> None:
+    _need("torch", "torchdiffeq")
+    assert _example("learn_physics").main(["--quick", "--adjoint", "symplectic"]) == 0
+    output = capsys.readouterr().out
+    assert _grad_error(output) <= 1e-10
+    for name in ("alpha", "beta", "gamma", "delta", "L-BFGS"):
+        assert name in output
+
+
+def test_example_odenet_digits(capsys: pytest.CaptureFixture[str]) -> None:
+    _need("torch", "torchdiffeq", "sklearn")
+    assert _example("odenet_digits").main(["--quick"]) == 0
+    output = capsys.readouterr().out
+    match = re.search(r"test accuracy: ([0-9.]+)", output)
+    assert match and 0.0 <= float(match.group(1)) <= 1.0
