@@ -26,7 +26,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax._adjoint import _nondiff_solver_controller_state, _only_transpose_ys
+from diffrax._adjoint import (
+    _inner_loop,
+    _nondiff_solver_controller_state,
+    _only_transpose_ys,
+    _outer_loop,
+)
 from diffrax._heuristics import is_sde
 from diffrax._saveat import SubSaveAt, save_y
 
@@ -75,6 +80,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     **Cost per accepted step** (``s`` stages): ``checkpoint="states"`` stores ``y_n``
     and recomputes the stages (``s`` evaluations) before the ``s`` stage VJPs;
     ``checkpoint="stages"`` also stores the ``s`` increments and skips the recompute.
+    Under XLA the recompute and the forward half of each stage VJP are the same
+    computation and are merged, so on JAX `"stages"` mostly costs memory; it is kept so
+    that the two adapters read alike.
     """
 
     checkpoint: Literal["states", "stages"] = eqx.field(default="states", static=True)
@@ -204,8 +212,8 @@ def _forward(y__args__terms__ts, *, self, solver, saveat, init_state, record, ma
         saveat = eqx.tree_at(lambda s: s.subs.ts, saveat, ts, is_leaf=lambda x: x is None)
     if not record:
         outer, inner, box = (
-            eqx.Partial(diffrax._adjoint._outer_loop, kind="lax"),
-            eqx.Partial(diffrax._adjoint._inner_loop, kind="lax"),
+            eqx.Partial(_outer_loop, kind="lax"),
+            eqx.Partial(_inner_loop, kind="lax"),
             None,
         )
     else:
@@ -286,14 +294,11 @@ def _loop_symplectic_bwd(
     grad_final_state, _ = grad_final_state__aux_stats
     ybar = grad_final_state.save_state.ys
     sub = saveat.subs
-    if ybar is None:
-        ybar = jtu.tree_map(lambda x: None, ys_struct)
     # Symbolic zeros (undifferentiated outputs) become real zeros: the sweep reads slots.
+    if ybar is None:
+        ybar = jtu.tree_map(lambda _: None, ys_struct)
     ybar = jtu.tree_map(
-        lambda s, b: jnp.zeros(s.shape, s.dtype) if b is None else b,
-        ys_struct,
-        ybar,
-        is_leaf=lambda x: x is None,
+        lambda s, b: jnp.zeros(s.shape, s.dtype) if b is None else b, ys_struct, ybar
     )
     steps = sub.steps
     if sub.t1 and steps != 1:

@@ -8,7 +8,8 @@ parameters and ``y0``. ``max_steps = N`` so that every buffer is exactly ``N`` l
 For each method and ``N`` it reports XLA's ``temp_size_in_bytes`` of the compiled
 gradient (``jax.jit(f).lower(*a).compile().memory_analysis()``; identical across runs)
 and the median wall time of the gradient over ``--repeats`` runs after one warm-up
-(``block_until_ready``), and the ratios to ``RecursiveCheckpointAdjoint(checkpoints=N)``.
+(``block_until_ready``; the methods take turns, one run each per round), and the
+ratios to ``RecursiveCheckpointAdjoint(checkpoints=N)``.
 
 Run ``python -m symplectic_adjoint.bench.jax_bench`` (``--quick``: ``N = 50`` only).
 A benchmark, not a test: it asserts nothing.
@@ -69,18 +70,23 @@ def make_grad(adjoint: diffrax.AbstractAdjoint, n: int, static) -> Callable:
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def measure(adjoint, n: int, field, y0, repeats: int) -> tuple[float, float]:
-    """(temp MiB, median seconds) of the gradient."""
+def measure_all(adjoints: dict, n: int, field, y0, repeats: int) -> dict[str, tuple]:
+    """(temp MiB, median seconds) per method. The timed runs are interleaved (one run of
+    every method per round), so that load from other processes on a shared machine falls
+    on all methods alike."""
     params, static = eqx.partition(field, eqx.is_array)
-    compiled = make_grad(adjoint, n, static).lower(params, y0).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
-    jax.block_until_ready(compiled(params, y0))  # warm-up
-    times = []
+    compiled, temps = {}, {}
+    for name, adjoint in adjoints.items():
+        compiled[name] = make_grad(adjoint, n, static).lower(params, y0).compile()
+        temps[name] = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
+        jax.block_until_ready(compiled[name](params, y0))  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in adjoints}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, y0))
-        times.append(time.perf_counter() - start)
-    return temp, statistics.median(times)
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, y0))
+            times[name].append(time.perf_counter() - start)
+    return {name: (temps[name], statistics.median(times[name])) for name in adjoints}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| N | method | XLA temp MiB | temp / RCA(N) | time ms | time / RCA(N) |")
     print("|---|---|---:|---:|---:|---:|")
     for n in ns:
-        rows = {name: measure(adj, n, field, y0, opts.repeats) for name, adj in methods(n).items()}
+        rows = measure_all(methods(n), n, field, y0, opts.repeats)
         ref_mem, ref_time = rows[f"RecursiveCheckpoint(checkpoints={n})"]
         for name, (mem, sec) in rows.items():
             print(
