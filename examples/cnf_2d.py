@@ -18,7 +18,7 @@ writes around it, with the ODE solve spelled out:
   forward pass kept for the backward pass.
 
 Run ``python examples/cnf_2d.py`` (1-2 minutes on a CPU; writes ``cnf_2d.png``),
-``--density rings``, ``--adjoint backprop``, or ``--quick`` for a few iterations.
+``--density checkerboard``, ``--adjoint backprop``, or ``--quick`` for a few iterations.
 ``python -m symplectic_adjoint demo`` runs the same model with memory/time comparisons.
 """
 
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         "--adjoint", choices=("symplectic", "backprop", "adjoint"), default="symplectic"
     )
     parser.add_argument("--checkpoint", choices=("states", "stages"), default="states")
-    parser.add_argument("--density", choices=sorted(DENSITIES), default="rings")
-    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--density", choices=sorted(DENSITIES), default="moons")
+    parser.add_argument("--iterations", type=int, default=800)
     parser.add_argument("--ode-steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)

@@ -64,15 +64,16 @@ def solver_by_name(name: str) -> diffrax.AbstractSolver:
 def make_adjoint(name: str, *, n_steps: int) -> diffrax.AbstractAdjoint:
     """The diffrax adjoint behind a method name of the demo.
 
-    ``"symplectic"``: :class:`symplectic_adjoint.SymplecticAdjoint`; ``"backprop"``:
+    ``"symplectic-states"``/``"symplectic-stages"``:
+    :class:`symplectic_adjoint.SymplecticAdjoint` with that checkpoint mode; ``"backprop"``:
     ``RecursiveCheckpointAdjoint`` storing every step (plain reverse mode);
     ``"recursive"``: diffrax's default ``RecursiveCheckpointAdjoint`` (binomial
     checkpointing); ``"adjoint"``: ``BacksolveAdjoint``.
     """
-    if name == "symplectic":
+    if name.startswith("symplectic-"):
         from . import SymplecticAdjoint
 
-        return SymplecticAdjoint()
+        return SymplecticAdjoint(checkpoint=name.removeprefix("symplectic-"))
     if name == "backprop":
         return diffrax.RecursiveCheckpointAdjoint(checkpoints=n_steps)
     if name == "recursive":
@@ -190,7 +191,7 @@ def train(
     """Fit by maximum likelihood with Adam (cosine-decayed step) using ``cfg.adjoint``."""
     zeros = jax.tree.map(jnp.zeros_like, params)
     state: tuple[Any, Any, int] = (zeros, zeros, 0)
-    grad_fn = grads(cfg.adjoint)
+    grad_fn = grads(_method(cfg))
 
     def step(i: int) -> float:
         nonlocal params, state
@@ -237,20 +238,26 @@ def _sample(cfg: DemoConfig, model: CNF, n: int, *, key: jax.Array) -> np.ndarra
     return np.asarray(y0[:, :2])
 
 
-def gradient_rel_error(grads: _Gradients, params: Any, x: np.ndarray) -> float:
-    """``‖g − g_ref‖/‖g_ref‖`` in float64 on ``x``: symplectic vs full-store backprop."""
+def _method(cfg: DemoConfig) -> str:
+    """The :func:`make_adjoint` name of the configured training method."""
+    return f"symplectic-{cfg.checkpoint}" if cfg.adjoint == "symplectic" else cfg.adjoint
+
+
+def gradient_rel_error(grads: _Gradients, params: Any, x: np.ndarray, *, method: str) -> float:
+    """``‖g − g_ref‖/‖g_ref‖`` in float64 on ``x``: ``method`` vs full-store backprop."""
     params64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x64 = jnp.asarray(x, dtype=jnp.float64)
     flat = {}
-    for name in ("symplectic", "backprop"):
+    for name in (method, "backprop"):
         _, g = grads(name)(params64, x64)
         flat[name] = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(g)])
-    diff = jnp.linalg.norm(flat["symplectic"] - flat["backprop"])
+    diff = jnp.linalg.norm(flat[method] - flat["backprop"])
     return float(diff / jnp.linalg.norm(flat["backprop"]))
 
 
 _METHOD_LABELS = {
-    "symplectic": "symplectic adjoint (ours)",
+    "symplectic-states": "SymplecticAdjoint(checkpoint='states')",
+    "symplectic-stages": "SymplecticAdjoint(checkpoint='stages')",
     "backprop": "backprop (RecursiveCheckpoint, all steps)",
     "recursive": "RecursiveCheckpointAdjoint (default)",
     "adjoint": "continuous adjoint (BacksolveAdjoint)",
@@ -263,8 +270,8 @@ def compare_methods(
     """XLA temporary memory and median time of one gradient evaluation per method."""
     rows = []
     for name, label in _METHOD_LABELS.items():
-        if cfg.quick and name == "recursive":
-            continue  # a smoke test needs one compilation less, not this row
+        if cfg.quick and name not in (_method(cfg), "backprop", "adjoint"):
+            continue  # a smoke test needs fewer compilations, not these rows
         fn = grads(name)
 
         def call(fn: Any = fn) -> None:
@@ -300,7 +307,8 @@ def run_demo(cfg: DemoConfig) -> Report:
     model = eqx.combine(params, static)
     held_out = sample_density(cfg.density, cfg.eval_points, rng=rng)
     final_nll = -float(np.mean(_chunked_logp(cfg, model, held_out)))
-    error = gradient_rel_error(grads, params, sample_density(cfg.density, cfg.check_batch, rng=rng))
+    check_batch = sample_density(cfg.density, cfg.check_batch, rng=rng)
+    error = gradient_rel_error(grads, params, check_batch, method=f"symplectic-{cfg.checkpoint}")
     x = jnp.asarray(sample_density(cfg.density, cfg.batch, rng=rng), dtype=cfg.dtype)
     rows = compare_methods(cfg, grads, params, x)
 

@@ -66,6 +66,8 @@ class SolveSpec:
 
     Fixed-grid methods use ``n_steps`` equal steps on ``[0, 1]``; adaptive methods use
     ``rtol``/``atol`` and, when given, a pinned ``first_step`` (DESIGN §3.1).
+    ``checkpoint`` is what the symplectic adjoint keeps (``"states"`` or ``"stages"``);
+    the other adjoints ignore it.
     """
 
     method: str = "rk4"
@@ -73,6 +75,7 @@ class SolveSpec:
     rtol: float = 1e-5
     atol: float = 1e-5
     first_step: float | None = None
+    checkpoint: str = "states"
 
     @property
     def adaptive(self) -> bool:
@@ -80,10 +83,11 @@ class SolveSpec:
 
     def odeint_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``odeint`` (method, options and tolerances)."""
+        common = {"method": self.method, "checkpoint": self.checkpoint}
         if not self.adaptive:
-            return {"method": self.method, "options": {"step_size": 1.0 / self.n_steps}}
+            return {**common, "options": {"step_size": 1.0 / self.n_steps}}
         options = {} if self.first_step is None else {"first_step": self.first_step}
-        return {"method": self.method, "rtol": self.rtol, "atol": self.atol, "options": options}
+        return {**common, "rtol": self.rtol, "atol": self.atol, "options": options}
 
     def describe(self) -> str:
         if self.adaptive:
@@ -290,7 +294,13 @@ def _batch(cfg: DemoConfig, n: int, rng: np.random.Generator, device: torch.devi
 
 
 def _spec(cfg: DemoConfig) -> SolveSpec:
-    return SolveSpec(method=cfg.solver, n_steps=cfg.ode_steps, rtol=cfg.rtol, atol=cfg.atol)
+    return SolveSpec(
+        method=cfg.solver,
+        n_steps=cfg.ode_steps,
+        rtol=cfg.rtol,
+        atol=cfg.atol,
+        checkpoint=cfg.checkpoint,
+    )
 
 
 def train(cfg: DemoConfig, model: CNF, *, rng: np.random.Generator) -> list[float]:
@@ -338,15 +348,16 @@ def compare_methods(cfg: DemoConfig, model: CNF, x: torch.Tensor) -> list[Method
     device = x.device
     spec = _spec(cfg)
     rows = []
-    for adjoint in ("symplectic", "backprop", "adjoint"):
+    for label, (adjoint, checkpoint) in _METHODS.items():
+        method_spec = replace(spec, checkpoint=checkpoint)
 
-        def iteration(adjoint: str = adjoint) -> float:
-            return loss_and_backward(model, x, spec=spec, adjoint=adjoint)
+        def iteration(adjoint: str = adjoint, method_spec: SolveSpec = method_spec) -> float:
+            return loss_and_backward(model, x, spec=method_spec, adjoint=adjoint)
 
         seconds = median_seconds(iteration, repeats=cfg.timing_repeats, device=device)
         rows.append(
             MethodRow(
-                name=_METHOD_LABELS[adjoint],
+                name=label,
                 peak_bytes=peak_memory_bytes(iteration, device=device),
                 seconds_per_iter=seconds,
             )
@@ -355,15 +366,17 @@ def compare_methods(cfg: DemoConfig, model: CNF, x: torch.Tensor) -> list[Method
     return rows
 
 
-_METHOD_LABELS = {
-    "symplectic": "symplectic adjoint (ours)",
-    "backprop": "backprop (torchdiffeq.odeint)",
-    "adjoint": "continuous adjoint (odeint_adjoint)",
+#: Table label -> (``adjoint=``, ``checkpoint=``) of the measured gradient methods.
+_METHODS = {
+    "symplectic, checkpoint='states'": ("symplectic", "states"),
+    "symplectic, checkpoint='stages'": ("symplectic", "stages"),
+    "backprop (torchdiffeq.odeint)": ("backprop", "states"),
+    "continuous adjoint (odeint_adjoint)": ("adjoint", "states"),
 }
 
 
 def run_demo(cfg: DemoConfig) -> Report:
-    """Train the flow, check the gradient, measure the three methods, save the figure."""
+    """Train the flow, check the gradient, measure the methods, save the figure."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)

@@ -154,6 +154,7 @@ class DemoConfig:
     backend: str = "torch"
     density: str = "moons"
     adjoint: str = "symplectic"
+    checkpoint: str = "states"
     solver: str = "rk4"
     ode_steps: int = 8
     rtol: float = 1e-5

@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         help="gradient method used for training (all three are measured at the end)",
     )
     p.add_argument(
+        "--checkpoint",
+        choices=("states", "stages"),
+        default=defaults.checkpoint,
+        help="what the symplectic adjoint keeps for the backward pass: one state per step, "
+        "or also the stage inputs (more memory, no recomputation)",
+    )
+    p.add_argument(
         "--solver",
         default=None,
         help="torch: a torchdiffeq method (default rk4; adaptive ones such as dopri5 use "
@@ -100,6 +107,7 @@ def parse_config(argv: list[str] | None = None) -> DemoConfig:
         backend=args.backend,
         density=args.density,
         adjoint=args.adjoint,
+        checkpoint=args.checkpoint,
         solver=args.solver or DEFAULT_SOLVER[args.backend],
         ode_steps=args.ode_steps,
         rtol=args.rtol,
