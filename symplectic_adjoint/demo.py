@@ -51,89 +51,79 @@ QUICK = dict(
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line. Options default to ``None`` so that :func:`parse_config` can tell
+    what was given from what comes from :class:`DemoConfig` (or from ``--quick``)."""
     defaults = DemoConfig()
     p = argparse.ArgumentParser(
         prog="python -m symplectic_adjoint demo",
         description="Train a 2-D continuous normalizing flow with the symplectic adjoint and "
         "compare its gradient, memory and time with backprop and the continuous adjoint.",
     )
-    p.add_argument("--backend", choices=("torch", "jax"), default=defaults.backend)
-    p.add_argument("--density", choices=sorted(DENSITIES), default=defaults.density)
-    p.add_argument(
+
+    def option(flag: str, field: str, help: str = "", **kwargs: object) -> None:
+        shown = f"(default: {getattr(defaults, field)})"
+        if "choices" not in kwargs:
+            kwargs["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        p.add_argument(flag, dest=field, default=None, help=f"{help} {shown}".strip(), **kwargs)
+
+    option("--backend", "backend", choices=("torch", "jax"))
+    option("--density", "density", choices=sorted(DENSITIES))
+    option(
         "--adjoint",
+        "adjoint",
+        "gradient method used for training (all of them are measured at the end)",
         choices=("symplectic", "backprop", "adjoint"),
-        default=defaults.adjoint,
-        help="gradient method used for training (all three are measured at the end)",
     )
-    p.add_argument(
+    option(
         "--checkpoint",
-        choices=("states", "stages"),
-        default=defaults.checkpoint,
-        help="what the symplectic adjoint keeps for the backward pass: one state per step, "
+        "checkpoint",
+        "what the symplectic adjoint keeps for the backward pass: a state per step, "
         "or also the stage inputs (more memory, no recomputation)",
+        choices=("states", "stages"),
     )
     p.add_argument(
         "--solver",
-        default=None,
         help="torch: a torchdiffeq method (default rk4; adaptive ones such as dopri5 use "
-        "--rtol/--atol); jax: a diffrax solver in lower case (default tsit5), "
-        "always with --ode-steps constant steps",
+        "--rtol/--atol); jax: a diffrax solver in lower case (default tsit5), always "
+        "with --ode-steps constant steps",
     )
-    p.add_argument("--ode-steps", type=int, default=defaults.ode_steps, help="fixed-step grid size")
-    p.add_argument("--rtol", type=float, default=defaults.rtol)
-    p.add_argument("--atol", type=float, default=defaults.atol)
-    p.add_argument("--steps", type=int, default=defaults.train_steps, help="training iterations")
-    p.add_argument("--batch", type=int, default=defaults.batch)
-    p.add_argument("--hidden", type=int, default=defaults.hidden, help="MLP width")
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument(
+    option("--ode-steps", "ode_steps", "fixed-step grid size on [0, 1]", type=int)
+    option("--rtol", "rtol", "adaptive torch methods", type=float)
+    option("--atol", "atol", "adaptive torch methods", type=float)
+    option("--steps", "train_steps", "training iterations", type=int)
+    option("--batch", "batch", "training batch size", type=int)
+    option("--hidden", "hidden", "MLP width", type=int)
+    option("--lr", "lr", "Adam learning rate (cosine-decayed)", type=float)
+    option(
         "--dtype",
+        "dtype",
+        "training precision (the gradient check is always float64)",
         choices=("float32", "float64"),
-        default=defaults.dtype,
-        help="training precision (the gradient check is always float64)",
     )
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, help="torch device (cpu, cuda)")
-    p.add_argument("--out", type=Path, default=defaults.out, help="output directory")
+    option("--seed", "seed", type=int)
+    option("--device", "device", "torch device: cpu, cuda, cuda:1, ...")
+    option("--out", "out", "output directory", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> DemoConfig:
-    """The :class:`DemoConfig` of a command line (``argv`` without the program name)."""
-    args = _parser().parse_args(argv)
-    config = DemoConfig(
-        backend=args.backend,
-        density=args.density,
-        adjoint=args.adjoint,
-        checkpoint=args.checkpoint,
-        solver=args.solver or DEFAULT_SOLVER[args.backend],
-        ode_steps=args.ode_steps,
-        rtol=args.rtol,
-        atol=args.atol,
-        train_steps=args.steps,
-        batch=args.batch,
-        hidden=args.hidden,
-        lr=args.lr,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-        out=args.out,
-        progress=not args.no_progress and sys.stderr.isatty(),
+    """The :class:`DemoConfig` of a command line (``argv`` without the program name).
+
+    Options given explicitly win over ``--quick``'s sizes, which win over the defaults.
+    The progress bar is on only when stderr is a terminal and ``--no-progress`` is absent.
+    """
+    args = vars(_parser().parse_args(argv))
+    quick, no_progress = args.pop("quick"), args.pop("no_progress")
+    given = {field: value for field, value in args.items() if value is not None}
+    base = DemoConfig(**QUICK) if quick else DemoConfig()
+    backend = given.get("backend", base.backend)
+    return dataclasses.replace(
+        base,
+        **{"solver": DEFAULT_SOLVER[backend], **given},
+        progress=not no_progress and sys.stderr.isatty(),
     )
-    if args.quick:
-        explicit = {
-            "train_steps": "--steps",
-            "ode_steps": "--ode-steps",
-            "batch": "--batch",
-            "dtype": "--dtype",
-        }
-        overrides = {
-            k: v for k, v in QUICK.items() if k not in explicit or explicit[k] not in (argv or [])
-        }
-        config = dataclasses.replace(config, **overrides)
-    return config
 
 
 def run(config: DemoConfig) -> Report:
