@@ -115,6 +115,7 @@ def _solve(
     adjoint: diffrax.AbstractAdjoint,
     reverse: bool = False,
 ) -> jax.Array:
+    """``y(1)`` from ``y(0) = y0`` in ``n_steps`` constant steps (``reverse``: from 1 to 0)."""
     t0, t1 = (1.0, 0.0) if reverse else (0.0, 1.0)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(model), solver, t0, t1, (t1 - t0) / n_steps, y0,
