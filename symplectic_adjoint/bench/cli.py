@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not backends:
         parser.error("neither torch+torchdiffeq nor jax+diffrax is installed")
     repeats = 2 if args.quick else args.repeats
+    budgets = [2] if args.quick and args.budget == [10] else args.budget
     args.out.mkdir(parents=True, exist_ok=True)
     tick, close = _progress(not args.no_progress and sys.stderr.isatty())
 
@@ -78,17 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 steps = args.steps or ([4, 8] if args.quick else [50, 100, 200])
                 rows = measure(steps=steps, repeats=repeats, dopri5=True,
-                               budgets=[c for c in args.budget if c > 1] or (),
+                               budgets=budgets,
                                device=args.device, progress=tick)  # fmt: skip
             else:
                 from .jax_bench import measure
 
-                steps = args.steps or ([4, 8] if args.quick else [50, 100, 200, 400])
+                steps = args.steps or ([4] if args.quick else [50, 100, 200, 400])
                 rows = measure(steps=steps, repeats=repeats, quick=args.quick,
-                               budgets=args.budget, progress=tick)  # fmt: skip
+                               budgets=budgets, progress=tick)  # fmt: skip
             all_rows += rows
             ref = _REFERENCE[backend]
-            tables.append(f"### {backend}\n\n" + report.markdown(rows, reference=ref))
+            kind = rows[0]["memory_kind"] if rows else ""
+            table = report.markdown(rows, reference=ref)
+            tables.append(f"### {backend} (memory: {kind})\n\n{table}")
             report.plot(rows, args.out / f"{backend}.png", title=f"{backend}: memory and time")
     finally:
         close()

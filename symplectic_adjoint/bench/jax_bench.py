@@ -52,6 +52,9 @@ def methods(n: int) -> dict[str, diffrax.AbstractAdjoint]:
     }
 
 
+_SLOW_PEERS = ("RecursiveCheckpoint() default", "Direct")
+
+
 def make_grad(adjoint: diffrax.AbstractAdjoint, n: int, static) -> Callable:
     def loss(params, y0):
         field = eqx.combine(params, static)
@@ -70,7 +73,9 @@ def make_grad(adjoint: diffrax.AbstractAdjoint, n: int, static) -> Callable:
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def measure_all(adjoints: dict, n: int, field, y0, repeats: int) -> dict[str, tuple]:
+def measure_all(
+    adjoints: dict, n: int, field, y0, repeats: int, *, return_grads: bool = False
+) -> dict[str, tuple] | tuple[dict[str, tuple], dict]:
     """(temp MiB, median seconds) per method. The timed runs are interleaved (one run of
     every method per round), so that load from other processes on a shared machine falls
     on all methods alike."""
@@ -86,7 +91,72 @@ def measure_all(adjoints: dict, n: int, field, y0, repeats: int) -> dict[str, tu
             start = time.perf_counter()
             jax.block_until_ready(fn(params, y0))
             times[name].append(time.perf_counter() - start)
-    return {name: (temps[name], statistics.median(times[name])) for name in adjoints}
+    out = {name: (temps[name], statistics.median(times[name])) for name in adjoints}
+    if return_grads:
+        return out, {name: fn(params, y0) for name, fn in compiled.items()}
+    return out
+
+
+def _relerr(g, ref) -> float:
+    leaves = jax.tree_util.tree_leaves(g)
+    ref_leaves = jax.tree_util.tree_leaves(ref)
+    num = sum(float(jnp.sum((a.astype(jnp.float64) - b.astype(jnp.float64)) ** 2))
+              for a, b in zip(leaves, ref_leaves, strict=True))  # fmt: skip
+    den = sum(float(jnp.sum(b.astype(jnp.float64) ** 2)) for b in ref_leaves)
+    return (num / den) ** 0.5
+
+
+def _problem(dtype, *, dim: int = DIM, width: int = WIDTH, batch: int = BATCH):
+    key_mlp, key_y = jax.random.split(jax.random.PRNGKey(0))
+    mlp = eqx.nn.MLP(dim, dim, width, 2, activation=jnp.tanh, key=key_mlp, dtype=dtype)
+    return Field(mlp), 0.5 * jax.random.normal(key_y, (batch, dim), dtype)
+
+
+def measure(
+    *,
+    steps=(50, 100, 200, 400),
+    repeats: int = 5,
+    quick: bool = False,
+    budgets=(),
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Rows in :mod:`.report`'s format: XLA temp memory, median time, and the gradient's
+    error against ``RecursiveCheckpointAdjoint(checkpoints=N)`` in float32 and float64."""
+    from .report import add_ratios
+
+    jax.config.update("jax_enable_x64", True)  # for the float64 error column only
+    size = dict(dim=8, width=16, batch=16) if quick else {}
+    field32, y32 = _problem(jnp.float32, **size)
+    field64, y64 = _problem(jnp.float64, **size)
+    rows = []
+    for n in steps:
+        adjoints = methods(n)
+        if quick:  # a smoke test: the two slowest-to-compile peers add nothing there
+            adjoints = {k: v for k, v in adjoints.items() if k not in _SLOW_PEERS}
+        for c in budgets:
+            try:
+                adjoints[f"Symplectic (c={c})"] = SymplecticAdjoint(checkpoint=c)
+            except (TypeError, ValueError):
+                pass  # budgets not available in this build
+        if progress:
+            progress(f"jax Tsit5 N={n}: compiling {len(adjoints)} adjoints")
+        results, grads32 = measure_all(adjoints, n, field32, y32, repeats, return_grads=True)
+        ref_name = f"RecursiveCheckpoint(checkpoints={n})"
+        grads64 = _gradients(adjoints, n, field64, y64)
+        for name, (mem, sec) in results.items():
+            rows.append(dict(
+                backend="jax", case="tsit5", steps=n,
+                method="RecursiveCheckpoint(N)" if name == ref_name else name,
+                memory_bytes=mem * 2**20, memory_kind="XLA temp_size_in_bytes", time_s=sec,
+                error=_relerr(grads32[name], grads32[ref_name]),
+                error_f64=_relerr(grads64[name], grads64[ref_name]),
+            ))  # fmt: skip
+    return add_ratios(rows, reference="RecursiveCheckpoint(N)")
+
+
+def _gradients(adjoints: dict, n: int, field, y0) -> dict:
+    params, static = eqx.partition(field, eqx.is_array)
+    return {name: make_grad(adj, n, static)(params, y0) for name, adj in adjoints.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,7 +40,7 @@ def _fmt_err(x: float | None) -> str:
 def markdown(rows: Sequence[Row], *, reference: str) -> str:
     """One Markdown table; ratios are to ``reference`` (named in the header)."""
     head = (
-        f"| backend | case | N | method | peak memory (MiB) | memory / {reference} "
+        f"| backend | case | N | method | memory (MiB) | memory / {reference} "
         f"| time / gradient (ms) | time / {reference} | error f32 | error f64 |"
     )
     lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
