@@ -35,8 +35,10 @@ def solve(*, solver=None, terms=TERM, adjoint=None, **kwargs):
 def test_checkpoint_values():
     assert SymplecticAdjoint().checkpoint == "states"
     assert SymplecticAdjoint(checkpoint="stages").checkpoint == "stages"
-    for bad in ("state", 3, None):
-        with pytest.raises(ValueError, match="'states'.*'stages'"):
+    assert SymplecticAdjoint(checkpoint=1).checkpoint == 1
+    assert SymplecticAdjoint(checkpoint=30).checkpoint == 30
+    for bad in ("state", 0, -2, 2.0, True, None):
+        with pytest.raises(ValueError, match="'states'.*'stages'.*int >= 1"):
             SymplecticAdjoint(checkpoint=bad)
 
 

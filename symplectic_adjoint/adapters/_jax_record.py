@@ -9,7 +9,9 @@ step (``num_accepted_steps`` went up) it writes into ``max_steps``-sized buffers
   end/start across a ``jump_ts`` entry, where diffrax steps to ``prevbefore`` and
   restarts ``nextafter`` the jump, so both are kept),
 * the state ``y_{n+1}`` after the step (slot 0 holds ``y_0``), so that step ``n`` can be
-  replayed from ``y_n``,
+  replayed from ``y_n`` -- unless the adjoint has a budget of ``c`` states
+  (``checkpoint=<int>``): then only ``y_0`` is kept, and the reverse pass rebuilds the
+  states it needs by replaying the recorded steps (:mod:`._jax_reverse`),
 * the save-buffer and ``SaveAt(ts=...)`` indices before and after the step, which say
   which outputs the step wrote,
 * with ``checkpoint="stages"`` also the stage increments ``K_i`` of the step, taken from
@@ -137,7 +139,8 @@ class Record(eqx.Module):
     """What the forward pass keeps per accepted step (buffers sized by ``max_steps``).
 
     ``ys[n]`` is the state at the start of step ``n`` (``ys[num_steps]`` the final
-    state); ``tprev[n]``/``tnext[n]`` the step's ends; ``save_before``/``save_after`` the
+    state; under a checkpoint budget ``ys`` holds ``y_0`` only, a leading axis of 1);
+    ``tprev[n]``/``tnext[n]`` the step's ends; ``save_before``/``save_after`` the
     save-buffer index and ``ts_before``/``ts_after`` the ``SaveAt(ts=...)`` index around
     the step; ``ks`` the stage increments (``checkpoint="stages"`` only, else ``None``).
     """
@@ -157,11 +160,12 @@ def _save_index(save_state) -> tuple[Any, Any]:
     return jnp.asarray(save_state.save_index), jnp.asarray(save_state.saveat_ts_index)
 
 
-def _empty_record(init_state, max_steps: int, k_struct) -> Record:
+def _empty_record(init_state, max_steps: int, k_struct, keep_states: bool) -> Record:
     y0 = init_state.y
     time_dtype = jnp.result_type(init_state.tprev)
+    n_states = max_steps + 1 if keep_states else 1
     ys = jtu.tree_map(
-        lambda x: jnp.zeros((max_steps + 1, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
+        lambda x: jnp.zeros((n_states, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
     )
     zeros_t = jnp.zeros(max_steps, time_dtype)
     zeros_i = jnp.zeros(max_steps, jnp.int32)
@@ -171,19 +175,22 @@ def _empty_record(init_state, max_steps: int, k_struct) -> Record:
     return Record(ys, zeros_t, zeros_t, zeros_i, zeros_i, zeros_i, zeros_i, ks)
 
 
-def recording_loops(max_steps: int, k_struct) -> tuple[Any, Any, list]:
+def recording_loops(
+    max_steps: int, k_struct: Any, keep_states: bool = True
+) -> tuple[Any, Any, list]:
     """Outer/inner while-loops to hand to diffrax's ``loop``, and a one-element list that
     receives the :class:`Record` once the outer loop has run (the loop's return value is
     diffrax's final state, whose type the caller cannot extend).
 
     ``k_struct`` is the shape of one step's stacked increments when stages are kept, else
-    ``None``.
+    ``None``. ``keep_states=False`` (a checkpoint budget) records ``y_0`` but no later
+    state: the memory is then ``|y|`` plus ``O(max_steps)`` scalars.
     """
     box: list = []
     inner = ft.partial(eqxi.while_loop, kind="lax")
 
     def outer(cond_fun, body_fun, init_val, *, max_steps: int, buffers):
-        record = _empty_record(init_val, max_steps, k_struct)
+        record = _empty_record(init_val, max_steps, k_struct, keep_states)
 
         def cond(carry):
             return cond_fun(carry[0])
@@ -205,8 +212,11 @@ def recording_loops(max_steps: int, k_struct) -> tuple[Any, Any, list]:
             ks = rec.ks
             if ks is not None:
                 ks = jtu.tree_map(lambda b, k: put(b, n, k), ks, new.solver_state[1])
+            ys = rec.ys
+            if keep_states:
+                ys = jtu.tree_map(lambda b, y: put(b, n + 1, y), ys, new.y)
             rec = Record(
-                ys=jtu.tree_map(lambda b, y: put(b, n + 1, y), rec.ys, new.y),
+                ys=ys,
                 tprev=put(rec.tprev, n, state.tprev),
                 tnext=put(rec.tnext, n, state.tnext),
                 save_before=put(rec.save_before, n, sb),

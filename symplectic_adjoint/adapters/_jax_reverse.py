@@ -18,9 +18,34 @@ For the accepted steps ``n = N-1, ..., 0`` (a ``lax.while_loop``), with
    Stages whose cotangent is structurally zero (``b_i = 0`` and read by no later stage,
    e.g. the FSAL stage of Tsit5/Dopri5) are skipped.
 
-The state ``y_n`` a step starts from is obtained through :meth:`Checkpoints.state`, the
-one place that a budgeted scheme (recompute ``y_n`` from an earlier stored state by
-replaying the recorded step sizes) will change.
+The state ``y_n`` a step starts from is read from the record (``"states"``,
+``"stages"``) or, under a budget of ``c`` states (``checkpoint=<int>``), rebuilt by
+replaying the recorded steps (:func:`_budget_sweep`). Each replay is the forward step
+``y_{n+1} = y_n + sum_i b_i K_i`` with the recorded ``t_n, t_{n+1}`` (never the
+controller), i.e. the same recomputation the reverse step does, so the gradient equals
+the ``"states"`` one to rounding.
+
+**Budget schedule.** The number of steps ``N`` is a traced value (an adaptive solve's
+is known only when its forward pass ends), so the schedule is computed inside the
+``lax.while_loop`` from an explicit task stack rather than planned ahead on the host
+(:mod:`symplectic_adjoint.core.checkpointing` does that for PyTorch). A task
+``(a, b, f)`` means "reverse steps ``b-1, ..., a``; ``y_a`` is in a slot and ``f``
+further slots are free". With ``l = b - a``:
+
+* ``l = 1``: reverse step ``a`` from the slot's ``y_a`` and free the slot;
+* ``f = 0``: replay ``y_a -> y_{b-1}``, reverse step ``b-1``, push ``(a, b-1, 0)``;
+* else split at ``m``: replay ``y_a -> y_m``, store ``y_m`` in a free slot, push
+  ``(a, m, f)`` and then ``(m, b, f-1)``, so the right part is reversed first.
+
+The stack therefore reverses the steps in the order ``N-1, ..., 0`` (as the
+``"states"`` sweep does), and it holds at most ``c`` tasks (each owns the slot of its
+``y_a``). With ``s = f + 1`` stored states including ``y_a``, ``beta(s, r) =
+C(s + r, s)`` and ``r`` the least integer with ``beta(s, r) >= l``, the split
+``m = min(beta(s, r-1), l - beta(s-1, r-1))`` is the binomial (Griewank--Walther
+revolve) choice: it attains the minimal number of replayed steps ``T(l, f) = min_m [m +
+T(m, f) + T(l-m, f-1)]`` (checked against that recursion exhaustively for ``l < 200``,
+``f <= 6``). Any ``m`` in ``(a, b)`` gives the same gradient; only the replay count
+depends on it.
 """
 
 from __future__ import annotations
@@ -34,7 +59,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox.internal import ω
 
-from ..core.step import lincomb, rk_step_vjp
+from ..core.step import lincomb, rk_step, rk_step_vjp
 from ..core.tableau import ButcherTableau
 from ._jax_record import Record
 
@@ -54,12 +79,17 @@ def _at(tree: Any, i: Any) -> Any:
 
 
 class Checkpoints(eqx.Module):
-    """Access to what the forward pass stored, step by step."""
+    """Access to what the forward pass stored, step by step.
+
+    ``budget`` is ``None`` when every state was stored, else the number ``c`` of states
+    the reverse pass may hold (the record then has ``y_0`` only).
+    """
 
     record: Record
+    budget: int | None = eqx.field(default=None, static=True)
 
     def state(self, n: Any) -> Any:
-        """``y_n``, the state at the start of step ``n`` (every state is stored)."""
+        """``y_n``, the state at the start of step ``n`` (only ``n = 0`` under a budget)."""
         return _at(self.record.ys, n)
 
     def next_state(self, n: Any) -> Any:
@@ -135,14 +165,28 @@ def reverse_sweep(
         _, pull = jax.vjp(interp, t, y_n, y_n1, k_stacked)
         return pull(out_bar)
 
-    def step_adjoint(n, lam, acc, ts_bar):
+    def step_data(n):
+        # The recorded ends of step n, its control and its stage times. diffrax evaluates
+        # a node with c_i = 1 at exactly t1 (no rounding of t0 + dt).
         tprev = checkpoints.record.tprev[n]
         tnext = checkpoints.record.tnext[n]
-        y_n = checkpoints.state(n)
         control = terms.contr(tprev, tnext)
         dt = tnext - tprev
-        # diffrax evaluates a node with c_i = 1 at exactly t1 (no rounding of t0 + dt).
         times = [tnext if ci == 1 else tprev + ci * dt for ci in c]
+        return tprev, tnext, control, times
+
+    def replay(n, y_n):
+        # y_{n+1} from y_n over the recorded step n (budgets only): the recomputation
+        # that `step_adjoint` does, plus the update with the weights b.
+        _, _, control, times = step_data(n)
+
+        def f(i, X):
+            return ω(terms.vf_prod(times[i], X.ω, args, control))
+
+        return rk_step(tableau, f, ω(y_n), 1).y1.ω
+
+    def step_adjoint(n, y_n, lam, acc, ts_bar):
+        tprev, tnext, control, times = step_data(n)
 
         def vf_prod(i, X):
             return terms.vf_prod(times[i], X, args, control)
@@ -169,7 +213,12 @@ def reverse_sweep(
             saved = (save_after - save_before) > (ts_after - ts_before)
             lam = _tree_where(saved, _tree_add(lam, _at(ybar, save_after - 1)), lam)
         if ts is not None:
-            y_n1 = checkpoints.next_state(n)
+            if checkpoints.budget is None:
+                y_n1 = checkpoints.next_state(n)
+            else:
+                # Not stored: rebuild it from the stages (only the output-time cotangent
+                # reads its value; rounding-level differences to diffrax's y_{n+1}).
+                y_n1 = lincomb(ω(y_n), 1, tableau.b, [ω(k) for k in ks]).ω
             k_stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *ks) if has_k else None
             zero_y = jtu.tree_map(jnp.zeros_like, y_n)
             zero_k = jtu.tree_map(jnp.zeros_like, k_stacked)
@@ -220,12 +269,22 @@ def reverse_sweep(
 
     def body(carry):
         n, lam, acc, ts_bar = carry
-        lam, acc, ts_bar = step_adjoint(n, lam, acc, ts_bar)
+        lam, acc, ts_bar = step_adjoint(n, checkpoints.state(n), lam, acc, ts_bar)
         return n - 1, lam, acc, ts_bar
 
-    _, lam, (args_bar, terms_bar), ts_bar = lax.while_loop(
-        cond, body, (jnp.asarray(num_steps) - 1, lam, acc0, ts_bar)
-    )
+    if checkpoints.budget is None:
+        _, lam, (args_bar, terms_bar), ts_bar = lax.while_loop(
+            cond, body, (jnp.asarray(num_steps) - 1, lam, acc0, ts_bar)
+        )
+    else:
+        (lam, (args_bar, terms_bar), ts_bar), _ = _budget_sweep(
+            checkpoints.budget,
+            checkpoints.state(0),
+            jnp.asarray(num_steps),
+            replay,
+            step_adjoint,
+            (lam, acc0, ts_bar),
+        )
 
     if t0_slot:
         lam = _tree_add(lam, _at(ybar, 0))
@@ -235,3 +294,110 @@ def reverse_sweep(
         copies = jtu.tree_map(lambda b: jnp.sum(b[first : first + len(ts)], axis=0), ybar)
         lam = _tree_where(t0_equals_t1, _tree_add(lam, copies), lam)
     return lam, args_bar, terms_bar, (ts_bar if need_ts_bar else None)
+
+
+def _binomial_split(length: Any, free: Any) -> Any:
+    """Offset ``m`` in ``[1, length-1]`` at which to store a state, for ``length >= 2``
+    steps and ``free >= 1`` free slots (revolve's choice; see the module docstring).
+
+    With ``s = free + 1`` and ``beta(s, r) = C(s + r, s)``, ``r`` is the least integer
+    with ``beta(s, r) >= length`` and ``m = min(beta(s, r-1), length - beta(s-1, r-1))``.
+    Integer arithmetic throughout: ``C(s+r, s) = C(s+r-1, s) (s+r) / r`` and
+    ``C(s+r-2, s-1) = C(s+r-1, s) s / (s+r-1)`` divide exactly.
+    """
+    s = free + 1
+
+    def cond(carry):
+        _, beta = carry
+        return beta < length
+
+    def body(carry):
+        r, beta = carry
+        return r + 1, beta * (s + r + 1) // (r + 1)
+
+    one = jnp.ones_like(length)
+    r, beta = lax.while_loop(cond, body, (jnp.zeros_like(length), one))  # r >= 1 as l >= 2
+    beta_prev = beta * r // (s + r)  # beta(s, r-1)
+    beta_lower = beta_prev * s // (s + r - 1)  # beta(s-1, r-1)
+    m = jnp.minimum(beta_prev, length - beta_lower)
+    return jnp.clip(m, 1, length - 1)
+
+
+def _budget_sweep(
+    budget: int,
+    y0: Any,
+    num_steps: Any,
+    replay: Any,
+    step_adjoint: Any,
+    carry: tuple[Any, Any, Any],
+) -> tuple[tuple[Any, Any, Any], Any]:
+    """Reverse steps ``num_steps-1, ..., 0`` holding at most ``budget`` states.
+
+    ``replay(n, y_n) -> y_{n+1}``; ``step_adjoint(n, y_n, lam, acc, ts_bar)`` is the
+    adjoint of step ``n``; ``carry = (lam, acc, ts_bar)``. The schedule is the task stack
+    of the module docstring, run inside one ``lax.while_loop`` (``num_steps`` is traced).
+    Returns the final ``(lam, acc, ts_bar)`` and the number of replayed steps.
+    """
+    c = budget
+    i32 = jnp.int32
+    num_steps = num_steps.astype(i32)
+    # Slot j holds the state y_{pos[j]}; pos[j] = -1 marks a free slot.
+    slots = jtu.tree_map(
+        lambda x: jnp.zeros((c, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
+    )
+    pos = jnp.full(c, -1, i32).at[0].set(0)
+    # At most c tasks are pending (each owns the slot of its start state); one spare
+    # entry keeps the masked writes of the last push in range.
+    depth = c + 1
+    stack = (
+        jnp.zeros((depth, 3), i32)
+        .at[0]
+        .set(jnp.stack([jnp.asarray(0, i32), num_steps, jnp.asarray(c - 1, i32)]))
+    )
+    top = jnp.where(num_steps > 0, 1, 0).astype(i32)
+
+    def cond(state):
+        return state[0] > 0
+
+    def body(state):
+        top, stack, slots, pos, replayed, carry = state
+        top = top - 1
+        a, b, f = stack[top, 0], stack[top, 1], stack[top, 2]
+        length = b - a
+        leaf = length == 1
+        tail = (length > 1) & (f == 0)
+        split = (length > 1) & (f > 0)
+        m = a + _binomial_split(jnp.maximum(length, 2), jnp.maximum(f, 1))
+        # The state to rebuild: y_a itself (leaf), y_{b-1} (tail) or y_m (split).
+        target = jnp.where(leaf, a, jnp.where(tail, b - 1, m))
+        slot_a = jnp.argmax(pos == a)
+        y_a = _at(slots, slot_a)
+        y_t = lax.fori_loop(a, target, replay, y_a)
+        replayed = replayed + (target - a)
+
+        # Leaf and tail reverse step `target`; a split reverses nothing this round.
+        carry = lax.cond(
+            leaf | tail,
+            lambda cr: step_adjoint(target, y_t, *cr),
+            lambda cr: cr,
+            carry,
+        )
+
+        free = jnp.argmax(pos < 0)
+        slots = jtu.tree_map(
+            lambda buf, y: buf.at[free].set(jnp.where(split, y, buf[free])), slots, y_t
+        )
+        pos = pos.at[free].set(jnp.where(split, m, pos[free]))
+        pos = pos.at[slot_a].set(jnp.where(leaf, -1, pos[slot_a]))
+
+        # Pushes: tail (a, b-1, 0); split (a, m, f) then (m, b, f-1) on top.
+        first = jnp.stack([a, jnp.where(tail, b - 1, m), jnp.where(tail, 0, f)])
+        second = jnp.stack([m, b, f - 1])
+        stack = stack.at[top].set(jnp.where(tail | split, first, stack[top]))
+        stack = stack.at[top + 1].set(jnp.where(split, second, stack[top + 1]))
+        top = top + jnp.where(tail, 1, 0) + jnp.where(split, 2, 0)
+        return top, stack, slots, pos, replayed, carry
+
+    state = (top, stack, slots, pos, jnp.asarray(0, i32), carry)
+    *_, replayed, carry = lax.while_loop(cond, body, state)
+    return carry, replayed

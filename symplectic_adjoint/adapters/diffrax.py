@@ -77,22 +77,44 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     `HalfSolver` and other wrapped solvers, events, `SaveAt(dense=True)`,
     `SaveAt(fn=...)`, `SaveAt(subs=...)` and `max_steps=None`.
 
-    **Cost per accepted step** (``s`` stages): ``checkpoint="states"`` stores ``y_n``
-    and recomputes the stages (``s`` evaluations) before the ``s`` stage VJPs;
-    ``checkpoint="stages"`` also stores the ``s`` increments and skips the recompute.
-    Under XLA the recompute and the forward half of each stage VJP are the same
-    computation and are merged, so on JAX `"stages"` mostly costs memory; it is kept so
-    that the two adapters read alike.
+    **Checkpoint modes** (the same values as the PyTorch adapter's `checkpoint`; ``N``
+    accepted steps, ``s`` stages, ``|y|`` the state size):
+
+    - `"states"` (default): keeps ``y_n`` of every step (``max_steps |y|``); the stages
+      are recomputed from ``y_n`` in the backward pass.
+    - `"stages"`: also keeps the ``s`` increments ``K_i`` (``(1 + s) max_steps |y|``);
+      nothing is recomputed.
+    - an int ``c >= 1``: a budget. The forward pass keeps ``y_0`` and the recorded times
+      (``O(max_steps)`` scalars); the backward pass holds at most ``c`` states and
+      replays steps from them.
+
+    Under a budget the backward pass rebuilds ``y_n`` by replaying the recorded steps
+    ``y_{n+1} = y_n + sum_i b_i K_i`` with the recorded ``t_n, t_{n+1}`` (never the
+    step-size controller, so adaptive solves replay exactly their accepted steps), on
+    the binomial (revolve) schedule: with ``r`` the least integer with
+    ``C(c + r, c) >= N``, each step is replayed at most ``r`` times. The gradient is the
+    ``"states"`` one to rounding. Unlike PyTorch, where the forward pass already keeps
+    states online as it goes, JAX cannot size the schedule before the loop ends (``N``
+    is a traced value, unknown until the forward pass has run), so the forward pass keeps
+    only ``y_0`` and every replay starts from ``y_0`` or from a state stored during the
+    backward pass: at most ``c`` states of size ``|y|`` are ever alive.
+
+    **Cost per accepted step**: ``checkpoint="states"`` stores ``y_n`` and recomputes the
+    stages (``s`` evaluations) before the ``s`` stage VJPs; ``checkpoint="stages"`` also
+    stores the ``s`` increments and skips the recompute. Under XLA the recompute and the
+    forward half of each stage VJP are the same computation and are merged, so on JAX
+    `"stages"` mostly costs memory; it is kept so that the two adapters read alike. A
+    budget adds ``s`` evaluations per replayed step.
     """
 
-    checkpoint: Literal["states", "stages"] = eqx.field(default="states", static=True)
+    checkpoint: Literal["states", "stages"] | int = eqx.field(default="states", static=True)
 
     def __check_init__(self):
-        if self.checkpoint not in CHECKPOINT_MODES:
+        if not _valid_checkpoint(self.checkpoint):
             raise ValueError(
                 f"SymplecticAdjoint(checkpoint={self.checkpoint!r}): use 'states' (one state "
-                "per step, the default) or 'stages' (states and stage values: faster, more "
-                "memory)."
+                "per step, the default), 'stages' (states and stage values: faster, more "
+                "memory) or a budget (an int >= 1) of states."
             )
 
     def loop(
@@ -151,8 +173,17 @@ SymplecticAdjoint.__init__.__doc__ = """**Arguments:**
     the PyTorch adapter's). `"states"` (default): the state `y_n` at the start of every
     accepted step (`max_steps` states of memory); the stages are recomputed in the
     backward pass. `"stages"`: also the stage increments of every step (`(1 + s)` times
-    the memory, no recompute).
+    the memory, no recompute). An int `c >= 1`: a budget of `c` states; the forward pass
+    keeps `y_0` only and the backward pass replays the recorded steps on a binomial
+    schedule (see the class docstring).
 """
+
+
+def _valid_checkpoint(checkpoint: Any) -> bool:
+    if isinstance(checkpoint, str):
+        return checkpoint in CHECKPOINT_MODES
+    # `bool` is an `int`; True/False are not budgets.
+    return isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 1
 
 
 def _check(*, terms, solver, event, saveat, max_steps):
@@ -239,7 +270,8 @@ def _forward(y__args__terms__ts, *, self, solver, saveat, init_state, record, ma
                 (init_state.solver_state, k0),
                 is_leaf=lambda x: x is None,
             )
-        outer, inner, box = recording_loops(max_steps, k_struct)
+        keep_states = isinstance(self.checkpoint, str)
+        outer, inner, box = recording_loops(max_steps, k_struct, keep_states)
     final_state, aux_stats = self._loop(
         args=args,
         terms=terms,
@@ -288,7 +320,7 @@ def _loop_symplectic_bwd(
     t1,
     **kwargs,
 ):
-    del self, kwargs
+    del kwargs
     record, num_steps, final_save_index, ys_struct = residuals
     y, args, terms, ts = y__args__terms__ts
     grad_final_state, _ = grad_final_state__aux_stats
@@ -315,7 +347,9 @@ def _loop_symplectic_bwd(
         has_k=type(solver) is not diffrax.Euler,
         terms=terms,
         args=args,
-        checkpoints=Checkpoints(record),
+        checkpoints=Checkpoints(
+            record, None if isinstance(self.checkpoint, str) else self.checkpoint
+        ),
         num_steps=num_steps,
         ybar=ybar,
         t0_slot=bool(sub.t0),
