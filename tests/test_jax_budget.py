@@ -19,6 +19,7 @@ eqx = pytest.importorskip("equinox")
 
 import jax.numpy as jnp  # noqa: E402
 import jax.tree_util as jtu  # noqa: E402
+from test_jax_adjoint import relerr  # noqa: E402
 
 from symplectic_adjoint import SymplecticAdjoint  # noqa: E402
 from symplectic_adjoint.adapters._jax_reverse import _budget_sweep  # noqa: E402
@@ -42,14 +43,6 @@ def make_field():
 
 Y0 = jnp.array([0.4, -0.3, 0.8])
 ARGS = jnp.asarray(1.2)
-
-
-def relerr(a, b):
-    la, lb = jtu.tree_leaves(a), jtu.tree_leaves(b)
-    assert len(la) == len(lb)
-    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(la, lb, strict=True))
-    den = sum(float(jnp.sum(y**2)) for y in lb)
-    return (num / den) ** 0.5
 
 
 def _solve(mlp, y0, args, ts, *, adjoint, solver, controller, dt0, t1=1.0):
