@@ -93,11 +93,13 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     step-size controller, so adaptive solves replay exactly their accepted steps), on
     the binomial (revolve) schedule: with ``r`` the least integer with
     ``C(c + r, c) >= N``, each step is replayed at most ``r`` times. The gradient is the
-    ``"states"`` one to rounding. Unlike PyTorch, where the forward pass already keeps
-    states online as it goes, JAX cannot size the schedule before the loop ends (``N``
-    is a traced value, unknown until the forward pass has run), so the forward pass keeps
-    only ``y_0`` and every replay starts from ``y_0`` or from a state stored during the
-    backward pass: at most ``c`` states of size ``|y|`` are ever alive.
+    ``"states"`` one to rounding. The PyTorch adapter stores states during its forward
+    pass (an online schedule when the step count is unknown); here the step count ``N``
+    is a traced value, unknown until the forward loop has ended, so no schedule can be
+    applied inside that loop: the forward pass keeps only ``y_0``, and the backward pass
+    replays from ``y_0`` (and from the states it stores on the way), holding at most
+    ``c`` stored states of size ``|y|`` besides the working one. The first replay sweep
+    thus re-runs the forward steps once more than PyTorch's schedule would.
 
     **Cost per accepted step**: ``checkpoint="states"`` stores ``y_n`` and recomputes the
     stages (``s`` evaluations) before the ``s`` stage VJPs; ``checkpoint="stages"`` also
