@@ -88,6 +88,10 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         per = CASE.y0.shape[0] // WORLD
         grads = _torch_step(slice(rank * per, (rank + 1) * per), ddp=True, adjoint="symplectic")
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **grads)
+        # Both ranks leave together: tearing gloo down while the peer still has a
+        # collective in flight aborts the process ("terminate called without an
+        # active exception"), seen about one run in three without this barrier.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
