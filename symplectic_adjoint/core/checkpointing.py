@@ -133,7 +133,7 @@ def offline_schedule(n: int, c: int) -> Schedule:
         return Schedule(n=max(n, 0), forward_store=(0,), actions=())
     if c >= n:
         return store_all_schedule(n)
-    import checkpoint_schedules as cs
+    import checkpoint_schedules as cs  # type: ignore[import-untyped]
 
     forward_store: list[int] = []
     actions: list[Action] = []
@@ -168,6 +168,7 @@ def offline_schedule(n: int, c: int) -> Schedule:
             raise RuntimeError(f"unsupported checkpoint action {op!r}")
     # The sweep's last state is reversed first, straight from the forward pass: the
     # adapter keeps it beside the checkpoints (the working state, not counted in c).
+    assert carried is not None  # the schedule always ends its forward phase
     if carried in forward_store:
         actions.insert(0, Restore(carried, False))
     else:

@@ -44,7 +44,7 @@ from functools import cache
 from . import dense
 from .dense import DenseOutput
 from .methods import get_tableau
-from .tableau import TableauError, frac
+from .tableau import Number, TableauError, frac
 
 __all__ = [
     "TORCHDIFFEQ_METHODS",
@@ -58,7 +58,7 @@ __all__ = [
 Poly = list[Fraction]  # coefficients, lowest power first
 
 
-def polymul(*factors: Sequence[object]) -> Poly:
+def polymul(*factors: Sequence[Number]) -> Poly:
     """Exact product of polynomials given as coefficient lists (lowest power first)."""
     out: Poly = [Fraction(1)]
     for factor in factors:

@@ -10,7 +10,7 @@ Embedded weights ``bhat`` are those implied by each library's ``b - b_error``.
 
 from __future__ import annotations
 
-from .tableau import ButcherTableau, TableauError
+from .tableau import ButcherTableau, Number, TableauError
 
 __all__ = [
     "EULER",
@@ -148,7 +148,7 @@ DOPRI5 = T(
 )
 
 # Tsitouras (2011), as diffrax 0.7.2 writes it: decimal approximations to many digits.
-_TSIT5_B = [
+_TSIT5_B: list[Number] = [
     "0.9646076681806522951816731316512876333711995238157997181903319145764851595234062815396e-1",
     "1/100",
     "0.4798896504144995747752495322905965199130404621990332488332634944254542060153074523509",
@@ -212,12 +212,12 @@ TSIT5 = T(
 
 # Prince & Dormand (1981) 8(7), 13 stages plus the FSAL stage, as torchdiffeq 0.2.5 has it:
 # rational approximations of the true coefficients (order conditions hold to ~1e-17).
-_DOPRI8_B = [
+_DOPRI8_B: list[Number] = [
     "14005451/335480064", 0, 0, 0, 0, "-59238493/1068277825", "181606767/758867731",
     "561292985/797845732", "-1041891430/1371343529", "760417239/1151165299",
     "118820643/751138087", "-528747749/2220607170", "1/4",
 ]  # fmt: skip
-_DOPRI8_BHAT = [
+_DOPRI8_BHAT: list[Number] = [
     "13451932/455176623", 0, 0, 0, 0, "-808719846/976000145", "1757004468/5645159321",
     "656045339/265891186", "-3867574721/1518517206", "465885868/322736535",
     "53011238/667516719", "2/45", 0, 0,

@@ -44,8 +44,9 @@ def partner_identity_residual(tableau: ButcherTableau) -> Fraction:
     b, a, s = tableau.b_exact, tableau.a_exact, tableau.stages
     worst = Fraction(0)
     for i in range(s):
-        if A[i] is None:
+        row = A[i]
+        if row is None:
             continue
         for j in range(s):
-            worst = max(worst, abs(b[i] * A[i][j] + B[j] * a[j][i] - b[i] * B[j]))
+            worst = max(worst, abs(b[i] * row[j] + B[j] * a[j][i] - b[i] * B[j]))
     return worst
