@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ __all__ = ["main", "parse_config"]
 
 #: Default ``--solver`` per backend: fixed-step 4th/5th-order methods.
 DEFAULT_SOLVER = {"torch": "rk4", "jax": "tsit5"}
+#: The float64 gradient check must agree with backprop through the same discrete solve to
+#: rounding; anything above this is a bug, and the demo exits with status 1.
+GRADIENT_TOLERANCE = 1e-10
 
 #: Sizes used by ``--quick``: tiny, for smoke tests (seconds, not a useful model). Training
 #: in float64 on a batch the size of the check batch lets JAX reuse one compilation per
@@ -151,4 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     report = run(config)
     report.notes.append(f"total demo time {time.perf_counter() - start:.1f} s")
     print(format_report(report), flush=True)
+    # The demo is also a check: a gradient that is not the exact one, or a training run
+    # that diverged, fails the command (CI runs it) instead of printing a bad number.
+    if not report.grad_rel_error <= GRADIENT_TOLERANCE:
+        print(
+            f"FAILED: the symplectic gradient differs from {report.grad_reference} by "
+            f"{report.grad_rel_error:.3e} (relative, float64; expected <= "
+            f"{GRADIENT_TOLERANCE:g}). Please report this with the command line used.",
+            file=sys.stderr,
+        )
+        return 1
+    if not math.isfinite(report.final_nll):
+        print("FAILED: the training loss is not finite; try a smaller --lr.", file=sys.stderr)
+        return 1
     return 0

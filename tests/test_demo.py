@@ -75,6 +75,34 @@ def test_quick_keeps_explicit_sizes() -> None:
     assert parse_config([]).solver == "rk4" and not parse_config([]).quick
 
 
+@pytest.mark.parametrize(
+    ("grad_error", "nll", "status"),
+    [(3e-16, 1.8, 0), (1e-6, 1.8, 1), (float("nan"), 1.8, 1), (3e-16, float("nan"), 1)],
+)
+def test_demo_fails_on_inexact_gradient_or_diverged_loss(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    grad_error: float,
+    nll: float,
+    status: int,
+) -> None:
+    from symplectic_adjoint import demo
+    from symplectic_adjoint._toy2d import Report
+
+    def fake_run(config: object) -> Report:
+        return Report(
+            backend="torch", solver="rk4", density="moons", train_steps=1, final_nll=nll,
+            grad_rel_error=grad_error, grad_reference="backprop", memory_measure="-",
+            figure=tmp_path / "cnf.png",
+        )  # fmt: skip
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    # jax: main() itself then imports no framework (run is faked), so any tox env runs it
+    assert demo.main(["--backend", "jax", "--quick", "--no-progress"]) == status
+    assert ("FAILED" in capsys.readouterr().err) == (status == 1)
+
+
 def _example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(
         f"example_{name}", REPO / "examples" / f"{name}.py"
