@@ -246,9 +246,28 @@ def reverse_sweep(
                 _terms = eqx.combine(_diff_terms, static_terms)
                 return _terms.vf_prod(times[i], _X, eqx.combine(_diff_args, static_args), control)
 
-            _, pull = jax.vjp(f, Xi.ω, diff_args, diff_terms)
-            Xbar, args_bar, terms_bar = pull(kbar.ω)
-            return ω(Xbar), None, _tree_add(carry, (args_bar, terms_bar))
+            def linearise_and_pull(operands):
+                _X, _kbar, _dargs, _dterms, _acc = operands
+                _, pull = jax.vjp(f, _X, _dargs, _dterms)
+                _Xbar, args_bar, terms_bar = pull(_kbar)
+                return _Xbar, _tree_add(_acc, (args_bar, terms_bar))
+
+            def skip(operands):  # never taken; the same structure as the VJP's result
+                _X, _, _, _, _acc = operands
+                return jnp.zeros_like(_X), _acc
+
+            # One network graph at a time. Left in the open, XLA linearises every stage
+            # of the step before the first pull-back (the X_i are all known) and fuses
+            # the parameter-cotangent sum into one late add, so s graphs and s parameter
+            # cotangents are alive together; an optimisation barrier does not survive
+            # the CPU pipeline. A conditional's branch is a separate computation whose
+            # buffers live only while it runs, so each stage is linearised, pulled back
+            # and accumulated inside one. The predicate (``n`` counts down from N-1) is
+            # always true but opaque to the compiler, so the branch is not inlined.
+            Xbar, carry = lax.cond(
+                n >= 0, linearise_and_pull, skip, (Xi.ω, kbar.ω, diff_args, diff_terms, carry)
+            )
+            return ω(Xbar), None, carry
 
         result = rk_step_vjp(
             tableau,
