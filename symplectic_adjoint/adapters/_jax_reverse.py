@@ -254,7 +254,7 @@ def reverse_sweep(
 
             def skip(operands):  # never taken; the same structure as the VJP's result
                 _X, _, _, _, _acc = operands
-                return jnp.zeros_like(_X), _acc
+                return jtu.tree_map(jnp.zeros_like, _X), _acc
 
             # One network graph at a time. Left in the open, XLA linearises every stage
             # of the step before the first pull-back (the X_i are all known) and fuses
