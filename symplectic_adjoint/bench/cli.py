@@ -55,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, nargs="*", default=[10],
                         help="checkpoint budgets c to include (states kept)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--width", type=int, default=64, help="torch MLP width (protocol: 64)")
-    parser.add_argument("--batch", type=int, default=128, help="torch batch (protocol: 128)")
+    parser.add_argument("--width", type=int, help="torch MLP width (default: the protocol's)")
+    parser.add_argument("--batch", type=int, help="torch batch (default: the protocol's)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--no-progress", action="store_true")
@@ -77,12 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for backend in backends:
             if backend == "torch":
-                from .torch_bench import measure
+                from .torch_bench import BATCH, WIDTH, measure
 
                 steps = args.steps or ([4, 8] if args.quick else [50, 100, 200])
                 rows = measure(steps=steps, repeats=repeats, dopri5=True,
                                budgets=budgets, device=args.device,
-                               width=args.width, batch=args.batch, progress=tick)  # fmt: skip
+                               width=args.width or WIDTH, batch=args.batch or BATCH,
+                               progress=tick)  # fmt: skip
             else:
                 from .jax_bench import measure
 

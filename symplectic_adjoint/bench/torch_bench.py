@@ -35,9 +35,11 @@ from .report import add_ratios, markdown
 __all__ = ["make_field", "measure", "peak_memory", "run", "main"]
 
 METHODS = ("backprop", "odeint_adjoint", "symplectic states", "symplectic stages")
+#: The protocol's MLP width and batch (DESIGN.md section 5).
+WIDTH, BATCH = 64, 128
 
 
-def make_field(seed: int = 0, *, width: int = 64) -> torch.nn.Module:
+def make_field(seed: int = 0, *, width: int = WIDTH) -> torch.nn.Module:
     """The MLP vector field ``f(t, y) = W3 tanh(W2 tanh(W1 y + b1) + b2) + b3``,
     16 -> ``width`` -> ``width`` -> 16."""
     torch.manual_seed(seed)
@@ -153,13 +155,13 @@ def measure(
     dopri5: bool = True,
     budgets: Sequence[int] = (10,),
     device: str = "cpu",
-    width: int = 64,
-    batch: int = 128,
+    width: int = WIDTH,
+    batch: int = BATCH,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Every case and method, one row each (see :mod:`.report` for the fields).
 
-    ``width`` and ``batch`` size the MLP and the state; the protocol's are 64 and 128.
+    ``width`` and ``batch`` size the MLP and the state; the protocol's are ``WIDTH`` and ``BATCH``.
     A larger network shows the ratios the arithmetic predicts (about (5s-1)F and 4sF
     against backprop's sF + sB) with the per-call Python and dispatch costs, which weigh
     on the small one on a CPU, amortised.
@@ -168,7 +170,7 @@ def measure(
     methods = [*METHODS, *(f"symplectic c={c}" for c in budgets)]
     rows: list[dict] = []
     for case in _cases(steps, dopri5):
-        if (width, batch) != (64, 128):
+        if (width, batch) != (WIDTH, BATCH):
             case = dict(case, case=f"{case['case']}, width {width}, batch {batch}")
         field = make_field(width=width).to(device)
         y0 = torch.randn(batch, 16, generator=torch.Generator().manual_seed(1)).to(device)
