@@ -20,7 +20,7 @@ from core_support import (
     to_numpy,
 )
 
-from symplectic_adjoint.core import TABLEAUX, rk_step, rk_step_vjp, vdot
+from symplectic_adjoint.core import TABLEAUX, get_tableau, rk_step, rk_step_vjp, vdot
 from symplectic_adjoint.core.order import stability_polynomial
 
 D = 4
@@ -227,3 +227,47 @@ def test_structurally_zero_stages_are_not_differentiated(name, expected):
     calls.clear()
     res = rk_step_vjp(tab, stage_vjp(p, tab, T0, H, calls), None, step.X, H)
     assert calls == [] and np.all(to_numpy(res.y0_bar) == 0.0)
+
+
+@pytest.mark.parametrize("name", TABLEAU_NAMES)
+def test_time_cotangent_survives_a_field_that_ignores_the_state(name):
+    """f(t, y) = sin(t) * ones: every Xbar_i is structurally zero (None) but the stage
+    times still carry tau_i, so hbar must keep its sum_i c_i tau_i term. Reference: the
+    exact derivatives of y_{n+1} = y_n + h sum_i b_i sin(t_n + c_i h) ones."""
+    tab = get_tableau(name)
+    t0, h = 0.3, 0.7
+    y0 = np.array([1.0, -2.0])
+    lam = np.array([0.5, 2.0])
+
+    def f(i, X):
+        return np.sin(t0 + tab.c[i] * h) * np.ones_like(X)
+
+    def vjp(i, X, kb, carry):
+        return None, np.cos(t0 + tab.c[i] * h) * float(np.sum(kb)), carry
+
+    step = rk_step(tab, f, y0, h)
+    res = rk_step_vjp(tab, vjp, lam, step.X, h, k=step.k, need_h_bar=True)
+    b, c = tab.b, tab.c
+    s_lam = float(np.sum(lam))
+    dt0 = h * sum(b[i] * np.cos(t0 + c[i] * h) for i in range(tab.stages)) * s_lam
+    dh = (
+        sum(
+            b[i] * (np.sin(t0 + c[i] * h) + h * c[i] * np.cos(t0 + c[i] * h))
+            for i in range(tab.stages)
+        )
+        * s_lam
+    )
+    assert np.allclose(res.y0_bar, lam, rtol=0, atol=0)
+    assert abs(float(res.t_bar) - dt0) <= 1e-13 * max(1.0, abs(dt0))
+    assert abs(float(res.h_bar) - dh) <= 1e-13 * max(1.0, abs(dh)), (res.h_bar, dh)
+
+
+def test_none_aware_sums_never_drop_a_term():
+    """add/sub treat None as a structural zero and nothing else."""
+    from symplectic_adjoint.core import add, sub
+
+    assert add(None, None) is None and sub(None, None) is None
+    assert add(2.0, None) == 2.0 and add(None, 3.0) == 3.0 and add(2.0, 3.0) == 5.0
+    assert sub(2.0, None) == 2.0 and sub(None, 3.0) == -3.0 and sub(2.0, 3.0) == -1.0
+    zero = np.zeros(2)
+    assert add(zero, None) is zero  # a real zero array is a value, not a structural zero

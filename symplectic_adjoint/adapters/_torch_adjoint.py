@@ -35,7 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..core.checkpointing import execute, store_all_schedule
-from ..core.step import _add, lincomb, rk_step_vjp  # _add: None-aware sum
+from ..core.step import add, lincomb, rk_step_vjp, stage_input, sub
 from ._torch_solve import (
     ADAPTIVE_METHODS,
     CHAIN,
@@ -98,12 +98,6 @@ class SolveStats:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"SolveStats({fields})"
-
-
-def _sub(a: Any, b: Any) -> Any:
-    if b is None:
-        return a
-    return -b if a is None else a - b
 
 
 try:  # the C++ engine entry torch.autograd.grad ends in (torch 2.x)
@@ -174,6 +168,7 @@ class Plan:
         self.stats = stats
         self.adaptive = method in ADAPTIVE_METHODS
         self.tableau = method_tableau(method)
+        self.tableau.validate()  # once per solve: the kernels then skip it per step
         self.cubic = not self.adaptive and options.get("interp", "linear") == "cubic"
         self.dense = method_interpolant(method, "cubic" if self.cubic else "linear")
         tab = self.tableau
@@ -374,9 +369,9 @@ class Plan:
             schedule = store_all_schedule(n)
         replays = execute(schedule, stored, advance=self._advance, reverse=self._reverse)
 
-        ybar = _add(self.lam, grad_sol[0])
+        ybar = add(self.lam, grad_sol[0])
         for j in self.loose:
-            ybar = _add(ybar, grad_sol[j])
+            ybar = add(ybar, grad_sol[j])
         tbar = self._assemble_tbar(t_input) if self.need_t else None
         st = self.stats
         st.nfe_backward += self.nfe_b
@@ -446,7 +441,7 @@ class Plan:
             if i == s - 1 and self.fsal_at_y1 and not replay:
                 Xi = self.y_next  # torchdiffeq evaluates the last stage at y_{n+1} itself
             else:
-                Xi = lincomb(y, h, tab.a[i][:i], k[:i])
+                Xi = stage_input(tab, i, y, h, k)
             X.append(Xi)
             if i < s - 1 or want_last:
                 reuse = i == s - 1 and carried and not replay and self.k1_next is not None
@@ -486,27 +481,27 @@ class Plan:
         for j, theta, kind, tdiff in outs:
             g = self.gsol[j]
             if kind == _AT_END:
-                lam = _add(lam, g)
+                lam = add(lam, g)
                 continue
-            y0bar = _add(y0bar, g)
+            y0bar = add(y0bar, g)
             if kind == _AT_START:
                 continue
             kb, thbar, hbd = self.dense.vjp(g, kvals, h, theta, need_time=need_t)
             for i, v in enumerate(kb):
-                kbar[i] = _add(kbar[i], v)
+                kbar[i] = add(kbar[i], v)
             if need_t and thbar is not None:
                 D = self.D[m]
-                ts_bar = _add(ts_bar, thbar * ((theta - 1) / D))
-                te_bar = _add(te_bar, thbar * (-theta / D))
-                hb = _add(hb, hbd)
+                ts_bar = add(ts_bar, thbar * ((theta - 1) / D))
+                te_bar = add(te_bar, thbar * (-theta / D))
+                hb = add(hb, hbd)
                 if tdiff:
-                    self.tbar_out[j] = _add(self.tbar_out.get(j), thbar / D)
+                    self.tbar_out[j] = add(self.tbar_out.get(j), thbar / D)
         if f1 is not None:
             xb, tau = self._pull(*f1, kbar[s])
-            lam = _add(lam, xb)
-            te_bar = _add(te_bar, tau)
+            lam = add(lam, xb)
+            te_bar = add(te_bar, tau)
         if m + 1 < self.n and log.k1[m + 1] == K1_FSAL:
-            kbar[s - 1] = _add(kbar[s - 1], self.k1bar_next)
+            kbar[s - 1] = add(kbar[s - 1], self.k1bar_next)
 
         def vjp(i: int, Xi: torch.Tensor, kb: torch.Tensor, carry: Any):
             xb, tau = self._vjp(times[i], Xi, kb)
@@ -515,26 +510,26 @@ class Plan:
         res = rk_step_vjp(
             tab, vjp, lam, X, h,
             k=k, k_bar=kbar[:s], y0_bar=y0bar,
-            k1_given=log.k1[m] == K1_FSAL, need_h_bar=need_t,
+            k1_given=log.k1[m] == K1_FSAL, need_h_bar=need_t, check=False,
         )  # fmt: skip
         self.lam = res.y0_bar
         self.k1bar_next = res.k1_bar
         self.k1_next = k[0]
         self.y_next = X[0]
         if need_t:
-            self._carry_time(m, _add(ts_bar, res.t_bar), _add(hb, res.h_bar), te_bar)
+            self._carry_time(m, add(ts_bar, res.t_bar), add(hb, res.h_bar), te_bar)
 
     def _carry_time(self, m: int, ts_bar: Any, hb: Any, te_bar: Any) -> None:
         """Map the step's (t_n, h, t_{n+1}) cotangents onto its independent times."""
         mode = self.log.mode[m]
         if mode == CHAIN:  # t_{n+1} = t_n + h, h constant
-            self.T = _add(_add(ts_bar, te_bar), self.T)
+            self.T = add(add(ts_bar, te_bar), self.T)
         elif mode == PINNED:  # t_{n+1} constant, h = t_{n+1} - t_n
-            self.T = _sub(ts_bar, hb)
+            self.T = sub(ts_bar, hb)
         else:  # GRID: nodes m and m+1, h = node[m+1] - node[m]
             nb = self.node_bar
-            nb[m] = _add(nb.get(m), _sub(ts_bar, hb))
-            nb[m + 1] = _add(nb.get(m + 1), _add(te_bar, hb))
+            nb[m] = add(nb.get(m), sub(ts_bar, hb))
+            nb[m + 1] = add(nb.get(m + 1), add(te_bar, hb))
 
     def _assemble_tbar(self, t: torch.Tensor) -> torch.Tensor:
         tbar = torch.zeros(self.t_len, dtype=torch.float64, device=t.device)

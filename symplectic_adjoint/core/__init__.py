@@ -16,7 +16,7 @@ from .order import (
     trees,
 )
 from .partner import partner_identity_residual, symplectic_partner
-from .step import RKStep, StepVJP, lincomb, rk_step, rk_step_vjp, vdot
+from .step import RKStep, StepVJP, add, lincomb, rk_step, rk_step_vjp, stage_input, sub, vdot
 from .tableau import ButcherTableau, TableauError
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "StepVJP",
     "TABLEAUX",
     "TableauError",
+    "add",
     "check_order",
     "dense",
     "diffrax_interpolant",
@@ -38,6 +39,8 @@ __all__ = [
     "rk_step",
     "rk_step_vjp",
     "stability_polynomial",
+    "stage_input",
+    "sub",
     "symplectic_partner",
     "torchdiffeq_interpolant",
     "trees",

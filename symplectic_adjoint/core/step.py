@@ -37,7 +37,17 @@ from typing import Any, NamedTuple
 
 from .tableau import ButcherTableau
 
-__all__ = ["RKStep", "StepVJP", "rk_step", "rk_step_vjp", "lincomb", "vdot"]
+__all__ = [
+    "RKStep",
+    "StepVJP",
+    "add",
+    "lincomb",
+    "rk_step",
+    "rk_step_vjp",
+    "stage_input",
+    "sub",
+    "vdot",
+]
 
 Array = Any
 StageFn = Callable[[int, Array], Array]
@@ -95,12 +105,36 @@ def _xp(x: Array):
     return array_api_compat.array_namespace(x)
 
 
-def _add(a: Any, b: Any) -> Any:
+def add(a: Any, b: Any) -> Any:
+    """``a + b`` where ``None`` is a structural zero (``None + None`` is ``None``).
+
+    Every cotangent sum in the kernels and adapters goes through this: a ``None`` must
+    never drop the other operand, and no array is created for a zero.
+    """
     if a is None:
         return b
     if b is None:
         return a
     return a + b
+
+
+def sub(a: Any, b: Any) -> Any:
+    """``a - b`` where ``None`` is a structural zero (see :func:`add`)."""
+    if b is None:
+        return a
+    return -b if a is None else a - b
+
+
+def stage_input(tableau: ButcherTableau, i: int, y0: Array, h: Any, k: Sequence) -> Array:
+    """The stage input ``X_i = y_n + h sum_{j<i} a_ij k_j`` (0-based ``i``; explicit rows).
+
+    The one place the stage recompute is written: the forward kernel, the adapters'
+    reverse sweeps (recomputing stages from a checkpoint) and replays all call it, so a
+    recomputed ``X_i`` is bitwise the forward one (same terms, same order, one rounding
+    of ``h``). ``k`` may be longer than ``i`` (only ``k[:i]`` is read) and hold ``None``
+    for slopes that are structurally zero.
+    """
+    return lincomb(y0, h, tableau.a[i][:i], k[:i])
 
 
 def rk_step(
@@ -110,6 +144,7 @@ def rk_step(
     h: Any,
     *,
     k1: Array | None = None,
+    check: bool = True,
 ) -> RKStep:
     """Take one explicit Runge--Kutta step.
 
@@ -119,17 +154,20 @@ def rk_step(
         y0: state ``y_n``, any array-API array.
         h: step size (Python float or 0-d array of ``y0``'s namespace).
         k1: first slope if already known (FSAL reuse); then ``f(0, y0)`` is not called.
+        check: validate the tableau first (adapters validate once per solve and pass
+            ``False`` to keep the check out of the per-step path).
 
     Returns:
         :class:`RKStep` with ``y1``, the embedded error estimate (``None`` for fixed-step
         methods), and the lists of stage inputs ``X`` and slopes ``k``.
     """
-    tableau.validate()
-    a, b = tableau.a, tableau.b
+    if check:
+        tableau.validate()
+    b = tableau.b
     X: list[Array] = []
     k: list[Array] = []
     for i in range(tableau.stages):
-        Xi = lincomb(y0, h, a[i][:i], k)
+        Xi = stage_input(tableau, i, y0, h, k)
         X.append(Xi)
         k.append(k1 if (i == 0 and k1 is not None) else f(i, Xi))
     y1 = lincomb(y0, h, b, k)
@@ -154,6 +192,7 @@ def rk_step_vjp(
     k1_given: bool = False,
     carry: Any = None,
     need_h_bar: bool = False,
+    check: bool = True,
 ) -> StepVJP:
     """Discrete adjoint of :func:`rk_step` (the reverse stage recursion).
 
@@ -173,11 +212,17 @@ def rk_step_vjp(
             to whatever produced it, and stage 1 is not differentiated here.
         carry: initial accumulator handed to ``vjp``.
         need_h_bar: also return the cotangent on ``h`` (needs ``k`` and time cotangents).
+        check: validate the tableau first (see :func:`rk_step`).
 
     Returns:
         :class:`StepVJP`.
+
+    Structural zeros: a stage whose ``Xbar_i`` is ``None`` (``f`` does not read ``X_i``)
+    may still have a time cotangent ``tau_i`` (``f`` reads ``t``); every sum below adds
+    each term on its own, so a ``None`` never drops another term.
     """
-    tableau.validate()
+    if check:
+        tableau.validate()
     s = tableau.stages
     a, b, c = tableau.a, tableau.b, tableau.c
     Xbar: list[Array | None] = [None] * s
@@ -189,8 +234,8 @@ def rk_step_vjp(
         kb = lincomb(None, h, [a[j][i] for j in range(i + 1, s)], Xbar[i + 1 :])
         if y1_bar is not None and b[i] != 0:
             lam_term = y1_bar * (h * b[i]) if isinstance(h, (int, float)) else y1_bar * b[i] * h
-            kb = _add(kb, lam_term)
-        kb = _add(kb, extra)
+            kb = add(kb, lam_term)
+        kb = add(kb, extra)
         kbars[i] = kb
         if kb is None:
             continue  # structurally zero: no network call
@@ -201,14 +246,14 @@ def rk_step_vjp(
 
     lam = y1_bar
     for xb in Xbar:
-        lam = _add(lam, xb)
-    lam = _add(lam, y0_bar)
+        lam = add(lam, xb)
+    lam = add(lam, y0_bar)
     if lam is None:
         lam = X[0] * 0
 
     t_bar = None
     for ti in tau:
-        t_bar = _add(t_bar, ti)
+        t_bar = add(t_bar, ti)
 
     h_bar = None
     if need_h_bar:
@@ -217,13 +262,14 @@ def rk_step_vjp(
         if y1_bar is not None:
             for i in range(s):
                 if b[i] != 0:
-                    h_bar = _add(h_bar, vdot(y1_bar, k[i]) * b[i])
+                    h_bar = add(h_bar, vdot(y1_bar, k[i]) * b[i])
         for i in range(s):
-            if Xbar[i] is None:
-                continue
-            inc = lincomb(None, 1.0, a[i][:i], k[:i])
-            if inc is not None:
-                h_bar = _add(h_bar, vdot(Xbar[i], inc))
+            # X_i = y_n + h sum_j a_ij k_j and t_i = t_n + c_i h: two independent terms
+            # (a field that ignores y has Xbar_i = None but still a time cotangent).
+            if Xbar[i] is not None:
+                inc = lincomb(None, 1.0, a[i][:i], k[:i])
+                if inc is not None:
+                    h_bar = add(h_bar, vdot(Xbar[i], inc))
             if tau[i] is not None and c[i] != 0:
-                h_bar = _add(h_bar, tau[i] * c[i])
+                h_bar = add(h_bar, tau[i] * c[i])
     return StepVJP(y0_bar=lam, k1_bar=k1_bar, t_bar=t_bar, h_bar=h_bar, carry=carry)
