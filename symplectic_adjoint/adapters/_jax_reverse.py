@@ -145,7 +145,7 @@ def reverse_sweep(
         ``ts`` is.
     """
     s = tableau.stages
-    a, c = tableau.a, tableau.c
+    c = tableau.c
     diff_args, static_args = eqx.partition(args, eqx.is_inexact_array)
     diff_terms, static_terms = eqx.partition(terms, eqx.is_inexact_array)
     y_struct = checkpoints.state(0)
