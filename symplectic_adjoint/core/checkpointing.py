@@ -226,9 +226,10 @@ def binomial_split(
     without clipping (``beta(s, r-1) < length`` as ``r`` is least, and ``beta(s-1, r-1)
     <= beta(s, r-1)``). Integer arithmetic only; ``while_loop`` (``(cond, body, init) ->
     final``, default a Python loop) and ``minimum`` (default :func:`min`) may be
-    ``jax.lax.while_loop`` and ``jnp.minimum`` for traced integers, which must not
-    overflow ``beta * (s + r)`` (int32: fine for ``length`` up to about 10^8). Callers
-    that evaluate it on placeholder values must clamp them to the valid range first.
+    ``jax.lax.while_loop`` and ``jnp.minimum`` for traced integers. The intermediate
+    products stay below ``length * (s + r)``: with int32 keep that under 2^31 (any
+    ``length <= 10^6`` with ``free <= 1000`` does). Callers that evaluate it on
+    placeholder values must clamp them to the valid range first.
 
     Raises:
         ValueError: (Python integers only) ``length < 2`` or ``free < 1``.
@@ -322,6 +323,11 @@ def _store_all_actions(n: int) -> Iterator[Action]:
         yield Reverse(m)
 
 
+def _check_budget(c: int) -> None:
+    if c < 1:
+        raise ValueError(f"a checkpoint budget must keep at least one state (got {c})")
+
+
 def store_all_schedule(n: int) -> Schedule:
     """Store every state; reverse without any recomputation (the default mode)."""
     return Schedule(n=n, forward_store=tuple(range(n)), actions=_lazy(_store_all_actions, n))
@@ -348,8 +354,7 @@ def offline_schedule(n: int, c: int) -> Schedule:
     Raises:
         ValueError: ``c < 1``.
     """
-    if c < 1:
-        raise ValueError(f"a checkpoint budget must keep at least one state (got {c})")
+    _check_budget(c)
     if n < 1:
         return Schedule(n=max(n, 0), forward_store=(0,), actions=())
     if c >= n:
@@ -466,11 +471,6 @@ def _kept_schedule(kept: Sequence[int], n: int, c: int, working: bool) -> Schedu
     )
 
 
-def _check_budget(c: int) -> None:
-    if c < 1:
-        raise ValueError(f"a checkpoint budget must keep at least one state (got {c})")
-
-
 class _Forward:
     """The forward-pass bookkeeping both checkpointers share: steps offered in order."""
 
@@ -560,7 +560,8 @@ class OnlineCheckpointer(_Forward):
     is optimal (``y_0`` alone). The tests re-check ``c`` = 1, 2, 3, 5, 10. Beyond that
     range the bound is measured, not proven: the worst ratios stay the same up to
     ``n = 300,000`` (``c = 2``), 200,000 (``c = 3, 5, 10``) and 100,000 (``c = 4, 7,
-    20``), and decrease towards 1 as ``n`` grows.
+    20``); at large ``n`` the ratio is near 1 (at ``n = 20,000``: 1.001 for ``c = 2``,
+    1.014 for ``c = 10``).
 
     Raises:
         ValueError: ``c < 1``; from :meth:`keep`, a step out of order; from
@@ -589,6 +590,7 @@ class OnlineCheckpointer(_Forward):
             return True, []
         if len(self._kept) < self.c:
             self._kept.append(prev)
+            self._sums = None
             return True, []
         drop = self._choose(prev)
         if drop is None:
