@@ -286,6 +286,13 @@ def test_imex_linear_oracle_forward_adjoint_and_both_matrix_gradients(name, xp_n
         carry=zero,
     )
     assert rel_err(res.y0_bar, M.T @ lam) <= 1e-12
+    # The fused solve-and-VJP hook (one linearisation per stage) gives the same.
+    vjpI = tagged(AIx, "I")
+    fused = implicit_step_vjp(
+        pair, vjpI, asarray(xp, lam), step.X, H, vjp_explicit=tagged(AEx, "E"), carry=zero,
+        solve_and_vjp=lambda i, X, g, rhs, carry: vjpI(i, X, solve_T(i, X, g, rhs), carry),
+    )  # fmt: skip
+    assert rel_err(fused.y0_bar, res.y0_bar) <= 1e-15
     for key, which in (("E", 0), ("I", 1)):
         ref = np.einsum("i,pqij,j->pq", lam, _oracle_derivative(parts, H, which), y)
         assert rel_err(res.carry[key], ref) <= 1e-11, key

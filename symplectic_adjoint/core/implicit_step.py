@@ -79,6 +79,11 @@ SolveT = Callable[[int, Array, Any, Array], Array]
 #: ``kbar_i - h sum_j a_ji J_j^T kbar_j = rhs_i`` for all ``i`` at once (``rhs_i`` may be
 #: ``None`` for zero).
 CoupledSolveT = Callable[[Sequence[Array], Any, Sequence[Array | None]], list]
+#: ``solve_and_vjp(i, X_i, gamma_i, rhs, carry) -> (Xbar_i, tau_i, carry)``: the transposed
+#: solve of :data:`SolveT` followed by the stage VJP with its solution, in one call, so that
+#: an adapter linearises the field once per stage for both (replaces ``solve_T`` + ``vjp``
+#: on stages with ``a_ii != 0``).
+SolveAndVJP = Callable[[int, Array, Any, Array, Any], tuple[Array, Any, Any]]
 
 _INEXACT_ROW_TOLERANCE = Fraction(1, 10**11)  # kencarp5's published rows: ~2e-12
 
@@ -204,6 +209,7 @@ def implicit_step_vjp(
     *,
     solve_T: SolveT | None = None,
     coupled_solve_T: CoupledSolveT | None = None,
+    solve_and_vjp: SolveAndVJP | None = None,
     vjp_explicit: StageVJP | None = None,
     k: Any = None,
     k_bar: Any = None,
@@ -224,6 +230,7 @@ def implicit_step_vjp(
         h: the step size.
         solve_T: ``solve_T(i, X_i, h a_ii, rhs) -> kbar_i`` (diagonally implicit stages).
         coupled_solve_T: ``coupled_solve_T(X, h, rhs) -> kbar`` (fully implicit tableaux).
+        solve_and_vjp: the solve and the stage VJP in one call (instead of ``solve_T``).
         vjp_explicit: the VJP of the explicit field (additive pairs).
         k: stage slopes (``(kE, kI)`` for a pair); needed only for ``need_h_bar``.
         k_bar: extra cotangents on the slopes (``(kE_bar, kI_bar)`` for a pair).
@@ -274,6 +281,8 @@ def implicit_step_vjp(
                     if gamma != 0:
                         raise TableauError(f"{tab_i.name}: k1 can only be given for a_11 = 0")
                     k1_bar = rhs
+                elif gamma != 0 and solve_and_vjp is not None:
+                    xi, ti, carry = solve_and_vjp(i, X[i], h * gamma, rhs, carry)
                 else:
                     if gamma != 0:
                         if solve_T is None:
