@@ -40,7 +40,7 @@ from diffrax._solver.runge_kutta import ButcherTableau as DiffraxTableau
 from diffrax._solver.runge_kutta import MultiButcherTableau
 from equinox.internal import ω
 
-from ..core.implicit_methods import AdditiveTableau
+from ..core.implicit_methods import IMPLICIT_EULER_DIFFRAX, AdditiveTableau, _tableau
 from ..core.implicit_step import implicit_step_vjp
 from ..core.step import lincomb
 from ..core.tableau import ButcherTableau
@@ -61,8 +61,6 @@ SUPPORTED = (
 
 def _from_diffrax(name: str, tab: DiffraxTableau) -> ButcherTableau:
     """A core tableau from diffrax's floats (diagonal included; nodes as diffrax has them)."""
-    from ..core.implicit_methods import _tableau
-
     s = len(tab.b_sol)
     diag = [0.0] * s if tab.a_diagonal is None else [float(x) for x in tab.a_diagonal]
     rows = [[diag[0]]] + [
@@ -87,7 +85,7 @@ def implicit_core_tableau(solver: Any) -> ButcherTableau | AdditiveTableau | Non
         )
     if type(solver) is diffrax.ImplicitEuler:
         # y1 = y0 + K_2, K_2 = h f(t1, y1); K_1 = h f(t0, y0) only feeds the error.
-        return _tableau_ie()
+        return IMPLICIT_EULER_DIFFRAX
     tab = type(solver).tableau
     if isinstance(tab, MultiButcherTableau):
         explicit, implicit = tab.tableaus
@@ -99,12 +97,6 @@ def implicit_core_tableau(solver: Any) -> ButcherTableau | AdditiveTableau | Non
             exact=False,
         )
     return _from_diffrax(name.lower(), tab)
-
-
-def _tableau_ie() -> ButcherTableau:
-    from ..core.implicit_methods import IMPLICIT_EULER_DIFFRAX
-
-    return IMPLICIT_EULER_DIFFRAX
 
 
 def _tree_add(a: Any, b: Any) -> Any:
