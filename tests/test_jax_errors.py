@@ -45,19 +45,29 @@ def test_checkpoint_values():
 @pytest.mark.parametrize(
     "solver, match",
     [
-        (diffrax.Kvaerno3(), "implicit.*RecursiveCheckpointAdjoint"),
-        (diffrax.ImplicitEuler(), "implicit.*RecursiveCheckpointAdjoint"),
+        (diffrax.Sil3(), "Kvaerno3/4/5.*not one of them.*RecursiveCheckpointAdjoint"),
         (diffrax.HalfSolver(diffrax.Euler()), "wrapped solver.*RecursiveCheckpointAdjoint"),
         (diffrax.LeapfrogMidpoint(), "not one.*RecursiveCheckpointAdjoint"),
     ],
-    ids=["Kvaerno3", "ImplicitEuler", "HalfSolver", "LeapfrogMidpoint"],
+    ids=["Sil3", "HalfSolver", "LeapfrogMidpoint"],
 )
 def test_refused_solvers(solver, match):
     controller = diffrax.ConstantStepSize()
     if isinstance(solver, diffrax.AbstractImplicitSolver):
         controller = diffrax.PIDController(rtol=1e-3, atol=1e-3)
+    terms = diffrax.MultiTerm(TERM, TERM) if isinstance(solver, diffrax.Sil3) else TERM
     with pytest.raises(NotImplementedError, match=match):
-        solve(solver=solver, stepsize_controller=controller)
+        solve(solver=solver, terms=terms, stepsize_controller=controller)
+
+
+def test_checkpoint_budget_refused_for_implicit_solvers():
+    controller = diffrax.PIDController(rtol=1e-3, atol=1e-3)
+    with pytest.raises(NotImplementedError, match="budget.*implicit"):
+        solve(
+            solver=diffrax.Kvaerno3(),
+            stepsize_controller=controller,
+            adjoint=SymplecticAdjoint(checkpoint=3),
+        )
 
 
 def test_refused_sde():

@@ -120,6 +120,7 @@ def reverse_sweep(
     need_ts_bar: bool,
     steps: int,
     t0_equals_t1: Any,
+    implicit: Any = None,  # HOOK(stiff): an _jax_implicit.ImplicitKernel for implicit solvers
 ) -> tuple[Any, Any, Any, Any]:
     """Cotangents of ``(y0, args, terms, saveat ts)`` from those of the save buffer.
 
@@ -193,7 +194,9 @@ def reverse_sweep(
 
         ks = checkpoints.increments(n, s)
         X: list = []
-        if ks is None:
+        if implicit is not None:  # HOOK(stiff): stages by the solver's own root find
+            ks, X = implicit.stages(terms, args, tprev, tnext, y_n, ks)
+        elif ks is None:
             ks = []
             for i in range(s):
                 X.append(stage_input(tableau, i, ω(y_n), 1, [ω(k) for k in ks]).ω)
@@ -269,6 +272,11 @@ def reverse_sweep(
             )
             return ω(Xbar), None, carry
 
+        if implicit is not None:  # HOOK(stiff): implicit adjoint with transposed solves
+            y0_bar, acc = implicit.step_vjp(
+                terms, args, n, times, control, X, lam, k_extra, y0_extra, acc
+            )
+            return y0_bar, acc, ts_bar
         result = rk_step_vjp(
             tableau,
             stage_vjp,

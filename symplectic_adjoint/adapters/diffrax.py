@@ -35,6 +35,7 @@ from diffrax._adjoint import (
 from diffrax._heuristics import is_sde
 from diffrax._saveat import SubSaveAt, save_y
 
+from ._jax_implicit import ImplicitKernel, implicit_core_tableau  # HOOK(stiff)
 from ._jax_record import StageKeepingSolver, core_tableau, recording_loops
 from ._jax_reverse import Checkpoints, reverse_sweep
 
@@ -73,7 +74,11 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     the vector field (rather than passed in `args` or held by the term) cannot be
     differentiated either (JAX raises `CustomVJPException`).
 
-    **Refused** at trace time, naming the alternative: implicit, IMEX and SDE solvers,
+    **Implicit** (`ImplicitEuler`, `Kvaerno3/4/5`) and IMEX (`KenCarp3/4/5`) solvers with
+    `checkpoint="states"`/`"stages"`: transposed stage solves by `linear_solver` (a lineax
+    solver; dense LU by default), see `adapters/_jax_implicit.py`.
+
+    **Refused** at trace time, naming the alternative: other implicit/IMEX solvers, SDE solvers,
     `HalfSolver` and other wrapped solvers, events, `SaveAt(dense=True)`,
     `SaveAt(fn=...)`, `SaveAt(subs=...)` and `max_steps=None`.
 
@@ -113,6 +118,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     """
 
     checkpoint: Literal["states", "stages"] | int = eqx.field(default="states", static=True)
+    # HOOK(stiff): lineax solver of the transposed stage systems (None: dense LU).
+    linear_solver: Any = eqx.field(default=None, static=True)
 
     def __check_init__(self):
         if not _valid_checkpoint(self.checkpoint):
@@ -144,6 +151,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         tableau = _check(
             terms=terms, solver=solver, event=event, saveat=saveat, max_steps=max_steps
         )
+        _implicit_kernel(self, tableau, solver)  # HOOK(stiff): refuse what it cannot do now
         init_state = _nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
@@ -184,6 +192,21 @@ SymplecticAdjoint.__init__.__doc__ = """**Arguments:**
 """
 
 
+# HOOK(stiff): solvers without stage increments in their dense output.
+_NO_K = (diffrax.Euler, diffrax.ImplicitEuler)
+
+
+def _implicit_kernel(self, tableau, solver):  # HOOK(stiff)
+    if not isinstance(solver, diffrax.AbstractImplicitSolver):
+        return None
+    if not isinstance(self.checkpoint, str):
+        raise NotImplementedError(
+            "`SymplecticAdjoint`: a checkpoint budget is not supported for implicit solvers "
+            "yet; use checkpoint='states' or 'stages'."
+        )
+    return ImplicitKernel(tableau, solver, self.linear_solver)
+
+
 def _valid_checkpoint(checkpoint: Any) -> bool:
     if isinstance(checkpoint, str):
         return checkpoint in CHECKPOINT_MODES
@@ -222,7 +245,8 @@ def _check(*, terms, solver, event, saveat, max_steps):
             "`SymplecticAdjoint` does not support `SaveAt(fn=...)`; apply the function to "
             f"`sol.ys` after the solve, or {_ALTERNATIVE}."
         )
-    return core_tableau(solver)
+    implicit = implicit_core_tableau(solver)  # HOOK(stiff): implicit/IMEX solvers
+    return core_tableau(solver) if implicit is None else implicit
 
 
 # The first argument holds everything differentiated: the initial state, `args`, the
@@ -254,7 +278,7 @@ def _forward(y__args__terms__ts, *, self, solver, saveat, init_state, record, ma
         )
     else:
         k_struct = None
-        if self.checkpoint == "stages" and type(solver) is not diffrax.Euler:
+        if self.checkpoint == "stages" and type(solver) not in _NO_K:  # HOOK(stiff)
             # Carry the last accepted step's increments in the solver state.
             _, _, info, _, _ = eqx.filter_eval_shape(
                 solver.step,
@@ -349,7 +373,7 @@ def _loop_symplectic_bwd(
     y_bar, args_bar, terms_bar, ts_bar = reverse_sweep(
         tableau=tableau,
         interpolation_cls=solver.interpolation_cls,
-        has_k=type(solver) is not diffrax.Euler,
+        has_k=type(solver) not in _NO_K,  # HOOK(stiff)
         terms=terms,
         args=args,
         checkpoints=Checkpoints(
@@ -363,5 +387,6 @@ def _loop_symplectic_bwd(
         need_ts_bar=ts is not None and bool(perturbed[3]),
         steps=steps,
         t0_equals_t1=t0 == t1,
+        implicit=_implicit_kernel(self, tableau, solver),  # HOOK(stiff)
     )
     return y_bar, args_bar, terms_bar, ts_bar

@@ -1,4 +1,5 @@
-"""Framework-agnostic core: tableaux, the RK step and its discrete adjoint, dense output.
+"""Framework-agnostic core: tableaux, the RK step and its discrete adjoint, dense output,
+and the implicit/IMEX step with its adjoint (:mod:`.implicit_step`).
 
 Imports neither torch nor jax. Array code is written against the array API
 (``array_api_compat.array_namespace``); autodiff arrives as an injected VJP callable.
@@ -6,6 +7,13 @@ Imports neither torch nor jax. Array code is written against the array API
 
 from . import dense, interpolants
 from .dense import DenseOutput
+from .implicit_methods import (
+    ADDITIVE_TABLEAUX,
+    IMPLICIT_TABLEAUX,
+    AdditiveTableau,
+    get_implicit_tableau,
+)
+from .implicit_step import ImplicitStep, implicit_step, implicit_step_vjp
 from .interpolants import diffrax_interpolant, torchdiffeq_interpolant
 from .methods import TABLEAUX, get_tableau
 from .order import (
@@ -20,6 +28,13 @@ from .step import RKStep, StepVJP, add, lincomb, rk_step, rk_step_vjp, stage_inp
 from .tableau import ButcherTableau, TableauError
 
 __all__ = [
+    "ADDITIVE_TABLEAUX",
+    "AdditiveTableau",
+    "IMPLICIT_TABLEAUX",
+    "ImplicitStep",
+    "get_implicit_tableau",
+    "implicit_step",
+    "implicit_step_vjp",
     "ButcherTableau",
     "DenseOutput",
     "RKStep",

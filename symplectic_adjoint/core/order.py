@@ -40,6 +40,8 @@ __all__ = [
     "measured_order",
     "check_order",
     "stability_polynomial",
+    "additive_order_residual",
+    "additive_measured_order",
 ]
 
 #: A rooted tree: the sorted tuple of its children (the leaf is ``()``).
@@ -212,3 +214,64 @@ def stability_polynomial(tableau: ButcherTableau, *, embedded: bool = False) -> 
     while len(coeffs) > 1 and coeffs[-1] == 0:
         coeffs.pop()
     return coeffs
+
+
+# ------------------------------------------------------------------ additive (IMEX) pairs
+def _coloured_products(
+    mats: Sequence[Sequence[Sequence[Fraction]]], t: Tree, memo: dict
+) -> list[list[Fraction]]:
+    """``g(t)`` for every colouring of the non-root vertices of ``t``.
+
+    For an additive method each vertex of a tree carries one of the fields ``f_E``,
+    ``f_I``; the edge into a child of colour ``nu`` contributes ``a^nu``. The root's
+    colour only selects the weights ``b^nu`` (see :func:`additive_order_residual`).
+    """
+    if t in memo:
+        return memo[t]
+    s = len(mats[0])
+    out: list[list[Fraction]] = [[Fraction(1)] * s]
+    for child in t:
+        linked = [
+            [_dot(row, gc) for row in a]
+            for gc in _coloured_products(mats, child, memo)
+            for a in mats
+        ]
+        out = [[x * y for x, y in zip(g, v, strict=True)] for g in out for v in linked]
+    memo[t] = out
+    return out
+
+
+def additive_order_residual(
+    weights: Sequence[Sequence[Fraction]],
+    mats: Sequence[Sequence[Sequence[Fraction]]],
+    order: int,
+) -> Fraction:
+    """``max |Phi(t) - 1/gamma(t)|`` over all trees up to ``order`` vertices and all
+    colourings of their vertices by the parts of an additive Runge--Kutta method.
+
+    ``weights[nu]`` and ``mats[nu]`` are ``b^nu`` and ``a^nu`` of part ``nu`` (e.g.
+    explicit and implicit of an IMEX pair). With one part this is
+    :func:`order_conditions_residual`. A pair has order ``p`` iff this is zero for ``p``.
+    """
+    memo: dict = {}
+    worst = Fraction(0)
+    for t in trees_up_to(order):
+        target = Fraction(1, density(t))
+        for g in _coloured_products(mats, t, memo):
+            for b in weights:
+                worst = max(worst, abs(_dot(b, g) - target))
+    return worst
+
+
+def additive_measured_order(
+    weights: Sequence[Sequence[Fraction]],
+    mats: Sequence[Sequence[Sequence[Fraction]]],
+    *,
+    max_order: int,
+    tol: Fraction = Fraction(0),
+) -> int:
+    """The largest ``p <= max_order`` whose coloured order conditions hold within ``tol``."""
+    for p in range(1, max_order + 1):
+        if additive_order_residual(weights, mats, p) > tol:
+            return p - 1
+    return max_order
