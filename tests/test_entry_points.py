@@ -221,8 +221,8 @@ def test_demo_report_header_has_backprop_as_reference() -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("gradient method"))
     assert lines[header].split() == ["gradient", "method", "peak", "memory", "/", "backprop",
                                      "time/iter", "/", "backprop"]  # fmt: skip
-    assert lines[header + 2].split()[-4:] == ["1.00x", "25.0", "ms", "1.00x"]
-    assert lines[header + 3].split()[-4:] == ["0.05x", "44.0", "ms", "1.76x"]
+    assert lines[header + 2].split()[-4:] == ["1.000x", "25.0", "ms", "1.00x"]
+    assert lines[header + 3].split()[-4:] == ["0.050x", "44.0", "ms", "1.76x"]
     assert lines[header + 4].startswith("Ratios are to backprop")
     assert "note: first line" in lines and "      second line" in lines
 

@@ -48,7 +48,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         epilog=f"Problems: torch, an MLP 16-{p.TORCH_WIDTH}-{p.TORCH_WIDTH}-16 (tanh) on a batch "
         f"of {p.TORCH_BATCH}, rk4 on [0, 1] plus one dopri5 case (tol 1e-6, [0, 10]); jax, "
         f"Tsit5 on y {p.JAX_BATCH}x{p.JAX_DIM} with an MLP of width {p.JAX_WIDTH}. --quick "
-        "takes about 10 s (torch) and 20-35 s (jax) on a 2-core machine.",
+        "takes about 10 s (torch) and 20-45 s (jax) on a 2-core machine.",
     )
     add = parser.add_argument
     add(

@@ -80,17 +80,19 @@ def make_grad(adjoint: diffrax.AbstractAdjoint, n: int, static) -> Callable:
 
 
 def measure_all(
-    adjoints: dict, n: int, field, y0, repeats: int, *, return_grads: bool = False
-) -> dict[str, tuple] | tuple[dict[str, tuple], dict]:
-    """(temp MiB, median seconds) per method. The timed runs are interleaved (one run of
-    every method per round), so that load from other processes on a shared machine falls
-    on all methods alike."""
+    adjoints: dict, n: int, field, y0, repeats: int, *, progress: Callable[[str], None]
+) -> tuple[dict[str, tuple], dict]:
+    """(temp MiB, median seconds) per method, and each method's gradient. The timed runs
+    are interleaved (one run of every method per round), so that load from other
+    processes on a shared machine falls on all methods alike."""
     params, static = eqx.partition(field, eqx.is_array)
     compiled, temps = {}, {}
     for name, adjoint in adjoints.items():
+        progress(f"jax Tsit5 N={n}: compiling {name}")
         compiled[name] = make_grad(adjoint, n, static).lower(params, y0).compile()
         temps[name] = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
         jax.block_until_ready(compiled[name](params, y0))  # warm-up
+    progress(f"jax Tsit5 N={n}: timing, {repeats} rounds of {len(compiled)} methods")
     times: dict[str, list[float]] = {name: [] for name in adjoints}
     for _ in range(repeats):
         for name, fn in compiled.items():
@@ -98,9 +100,7 @@ def measure_all(
             jax.block_until_ready(fn(params, y0))
             times[name].append(time.perf_counter() - start)
     out = {name: (temps[name], statistics.median(times[name])) for name in adjoints}
-    if return_grads:
-        return out, {name: fn(params, y0) for name, fn in compiled.items()}
-    return out
+    return out, {name: fn(params, y0) for name, fn in compiled.items()}
 
 
 def _relerr(g, ref) -> float:
@@ -131,6 +131,7 @@ def measure(
     from .report import add_ratios
 
     jax.config.update("jax_enable_x64", True)  # for the float64 error column only
+    tick = progress or (lambda message: None)
     size = dict(dim=8, width=16, batch=16) if quick else {}
     field32, y32 = _problem(jnp.float32, **size)
     field64, y64 = _problem(jnp.float64, **size)
@@ -144,9 +145,8 @@ def measure(
                 adjoints[f"Symplectic (c={c})"] = SymplecticAdjoint(checkpoint=c)
             except (TypeError, ValueError):
                 pass  # budgets not available in this build
-        if progress:
-            progress(f"jax Tsit5 N={n}: compiling {len(adjoints)} adjoints")
-        results, grads32 = measure_all(adjoints, n, field32, y32, repeats, return_grads=True)
+        results, grads32 = measure_all(adjoints, n, field32, y32, repeats, progress=tick)
+        tick(f"jax Tsit5 N={n}: float64 gradients for the error column")
         grads64 = _gradients(adjoints, n, field64, y64)
         for name, (mem, sec) in results.items():
             rows.append(dict(

@@ -54,6 +54,7 @@ class Progress:
         self._start = time.perf_counter()
         self._last_line: float | None = None
         self._shown = 0  # the count in the last line printed
+        self._first: tuple[float, int] | None = None  # time and count of the first line
         self._bar: Any = None
         self._mode = mode
         if mode == "bar":
@@ -91,10 +92,14 @@ class Progress:
         elapsed = now - self._start
         count = f"{self.done}"
         timing = f"{elapsed:.0f} s"
+        if self._first is None:
+            self._first = (now, self.done)  # the rate excludes the first items (warm-up)
         if self.total:
             count += f"/{self.total} ({100 * self.done / self.total:.0f}%)"
-            if 0 < self.done < self.total:
-                timing += f", ~{elapsed * (self.total / self.done - 1):.0f} s left"
+            since, done_then = self._first
+            if done_then < self.done < self.total:
+                rate = (now - since) / (self.done - done_then)
+                timing += f", ~{rate * (self.total - self.done):.0f} s left"
         text = f"{self.desc}: {count}, {timing}" + (f", {self.status}" if self.status else "")
         print(text, file=self._stream, flush=True)
         self._last_line, self._shown = now, self.done

@@ -246,7 +246,7 @@ def format_report(report: Report) -> str:
             [
                 row.name,
                 format_bytes(row.peak_bytes) + row.memory_note,
-                f"{mem_ratio:.2f}x",
+                f"{mem_ratio:.3f}x",
                 f"{1e3 * row.seconds_per_iter:.1f} ms",
                 f"{time_ratio:.2f}x",
             ]
