@@ -57,10 +57,10 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from equinox.internal import ω
 
 from ..core.step import lincomb, rk_step, rk_step_vjp, stage_input
 from ..core.tableau import ButcherTableau
+from ._diffrax_compat import ω
 from ._jax_record import Record
 
 __all__ = ["Checkpoints", "reverse_sweep"]
@@ -120,7 +120,8 @@ def reverse_sweep(
     need_ts_bar: bool,
     steps: int,
     t0_equals_t1: Any,
-) -> tuple[Any, Any, Any, Any]:
+    dtimes: Any = None,
+) -> tuple[Any, Any, Any, Any, Any]:
     """Cotangents of ``(y0, args, terms, saveat ts)`` from those of the save buffer.
 
     Arguments:
@@ -138,11 +139,15 @@ def reverse_sweep(
         need_ts_bar: whether the output times are differentiated.
         steps: ``SaveAt(steps=...)`` (``0`` for none).
         t0_equals_t1: a solve of zero length (outputs are copies of ``y_0``).
+        dtimes: ``(D, 2, max_steps)`` forward-mode tangents of the recorded step ends
+            ``(tprev_n, tnext_n)`` in ``D`` directions (the perturbed time inputs), or
+            ``None`` when no time input is differentiated.
 
     Returns:
-        ``(y0_bar, args_bar, terms_bar, ts_bar)``; ``args_bar``/``terms_bar`` have the
-        structure of ``eqx.filter(., eqx.is_inexact_array)``, ``ts_bar`` is ``None`` when
-        ``ts`` is.
+        ``(y0_bar, args_bar, terms_bar, ts_bar, dir_bar)``; ``args_bar``/``terms_bar``
+        have the structure of ``eqx.filter(., eqx.is_inexact_array)``, ``ts_bar`` is
+        ``None`` when ``ts`` is; ``dir_bar`` (``(D,)``, or ``None``) is the cotangent of
+        the ``D`` tangent directions of ``dtimes``.
     """
     s = tableau.stages
     c = tableau.c
@@ -158,21 +163,23 @@ def reverse_sweep(
 
     def interp_vjp(t, out_bar, tprev, tnext, y_n, y_n1, k_stacked):
         # diffrax's interpolant is linear in (y_n, y_{n+1}, K): its VJP calls no network.
-        def interp(_t, _y0, _y1, _k):
+        def interp(_t, _y0, _y1, _k, _tp, _tn):
             info = dict(y0=_y0, y1=_y1, k=_k) if has_k else dict(y0=_y0, y1=_y1)
-            return interpolation_cls(t0=tprev, t1=tnext, **info).evaluate(_t)
+            return interpolation_cls(t0=_tp, t1=_tn, **info).evaluate(_t)
 
-        _, pull = jax.vjp(interp, t, y_n, y_n1, k_stacked)
+        _, pull = jax.vjp(interp, t, y_n, y_n1, k_stacked, tprev, tnext)
         return pull(out_bar)
 
+    def stage_time(i, tprev, tnext):
+        # As diffrax: a node with c_i = 1 is exactly t1 (no rounding of t0 + dt).
+        return tnext if c[i] == 1 else tprev + c[i] * (tnext - tprev)
+
     def step_data(n):
-        # The recorded ends of step n, its control and its stage times. diffrax evaluates
-        # a node with c_i = 1 at exactly t1 (no rounding of t0 + dt).
+        # The recorded ends of step n, its control and its stage times.
         tprev = checkpoints.record.tprev[n]
         tnext = checkpoints.record.tnext[n]
         control = terms.contr(tprev, tnext)
-        dt = tnext - tprev
-        times = [tnext if ci == 1 else tprev + ci * dt for ci in c]
+        times = [stage_time(i, tprev, tnext) for i in range(s)]
         return tprev, tnext, control, times
 
     def replay(n, y_n):
@@ -186,7 +193,9 @@ def reverse_sweep(
         return rk_step(tableau, f, ω(y_n), 1, check=False).y1.ω
 
     def step_adjoint(n, y_n, lam, acc, ts_bar):
+        acc, dir_bar = acc
         tprev, tnext, control, times = step_data(n)
+        t_pair = None  # cotangents of (tprev, tnext) from the outputs of this step
 
         def vf_prod(i, X):
             return terms.vf_prod(times[i], X, args, control)
@@ -227,30 +236,41 @@ def reverse_sweep(
                 return carry[0] < ts_after
 
             def out_body(carry):
-                j, y0b, y1b, kb, tsb = carry
+                j, y0b, y1b, kb, tsb, tpair = carry
                 out_bar = _at(ybar, save_before + (j - ts_before))
-                tb, d0, d1, dk = interp_vjp(ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked)
+                tb, d0, d1, dk, dtp, dtn = interp_vjp(
+                    ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked
+                )
                 if has_k:
                     kb = _tree_add(kb, dk)
-                return j + 1, _tree_add(y0b, d0), _tree_add(y1b, d1), kb, tsb.at[j].add(tb)
+                tpair = tpair + jnp.stack([dtp, dtn])
+                y0b, y1b = _tree_add(y0b, d0), _tree_add(y1b, d1)
+                return j + 1, y0b, y1b, kb, tsb.at[j].add(tb), tpair
 
-            _, y0_extra, y1b, kb, ts_bar = lax.while_loop(
-                out_cond, out_body, (ts_before, zero_y, zero_y, zero_k, ts_bar)
+            zero_pair = jnp.zeros(2, jnp.result_type(tprev))
+            _, y0_extra, y1b, kb, ts_bar, t_pair = lax.while_loop(
+                out_cond, out_body, (ts_before, zero_y, zero_y, zero_k, ts_bar, zero_pair)
             )
             lam = _tree_add(lam, y1b)
             if has_k:
                 k_extra = [ω(_at(kb, i)) for i in range(s)]
 
         def stage_vjp(i, Xi, kbar, carry):
-            def f(_X, _diff_args, _diff_terms):
+            # The control (e.g. a CDE's interpolated path, or dt for an ODE) and the stage
+            # time are computed inside the differentiated function: their data and the
+            # step's ends get their cotangents here.
+            def f(_X, _diff_args, _diff_terms, _tp, _tn):
                 _terms = eqx.combine(_diff_terms, static_terms)
-                return _terms.vf_prod(times[i], _X, eqx.combine(_diff_args, static_args), control)
+                _args = eqx.combine(_diff_args, static_args)
+                return _terms.vf_prod(stage_time(i, _tp, _tn), _X, _args, _terms.contr(_tp, _tn))
 
             def linearise_and_pull(operands):
                 _X, _kbar, _dargs, _dterms, _acc = operands
-                _, pull = jax.vjp(f, _X, _dargs, _dterms)
-                _Xbar, args_bar, terms_bar = pull(_kbar)
-                return _Xbar, _tree_add(_acc, (args_bar, terms_bar))
+                _, pull = jax.vjp(f, _X, _dargs, _dterms, tprev, tnext)
+                _Xbar, args_bar, terms_bar, tp_bar, tn_bar = pull(_kbar)
+                acc, pair = _acc
+                pair = pair + jnp.stack([tp_bar, tn_bar])
+                return _Xbar, (_tree_add(acc, (args_bar, terms_bar)), pair)
 
             def skip(operands):  # never taken; the same structure as the VJP's result
                 _X, _, _, _, _acc = operands
@@ -269,6 +289,8 @@ def reverse_sweep(
             )
             return ω(Xbar), None, carry
 
+        if t_pair is None:
+            t_pair = jnp.zeros(2, jnp.result_type(tprev))
         result = rk_step_vjp(
             tableau,
             stage_vjp,
@@ -277,11 +299,17 @@ def reverse_sweep(
             1,
             k_bar=k_extra,
             y0_bar=None if y0_extra is None else ω(y0_extra),
-            carry=acc,
+            carry=(acc, t_pair),
         )
-        return result.y0_bar.ω, result.carry, ts_bar
+        acc, t_pair = result.carry
+        if dir_bar is not None:
+            # Chain (tprev_n, tnext_n) onto the perturbed time inputs.
+            dir_bar = dir_bar + dtimes[:, :, n] @ t_pair
+        return result.y0_bar.ω, (acc, dir_bar), ts_bar
 
     acc0 = jtu.tree_map(jnp.zeros_like, (diff_args, diff_terms))
+    dir0 = None if dtimes is None else jnp.zeros(dtimes.shape[0], dtimes.dtype)
+    acc0 = (acc0, dir0)
 
     def cond(carry):
         return carry[0] >= 0
@@ -292,11 +320,11 @@ def reverse_sweep(
         return n - 1, lam, acc, ts_bar
 
     if checkpoints.budget is None:
-        _, lam, (args_bar, terms_bar), ts_bar = lax.while_loop(
+        _, lam, ((args_bar, terms_bar), dir_bar), ts_bar = lax.while_loop(
             cond, body, (jnp.asarray(num_steps) - 1, lam, acc0, ts_bar)
         )
     else:
-        (lam, (args_bar, terms_bar), ts_bar), _ = _budget_sweep(
+        (lam, ((args_bar, terms_bar), dir_bar), ts_bar), _ = _budget_sweep(
             checkpoints.budget,
             checkpoints.state(0),
             jnp.asarray(num_steps),
@@ -312,7 +340,7 @@ def reverse_sweep(
         first = 1 if t0_slot else 0
         copies = jtu.tree_map(lambda b: jnp.sum(b[first : first + len(ts)], axis=0), ybar)
         lam = _tree_where(t0_equals_t1, _tree_add(lam, copies), lam)
-    return lam, args_bar, terms_bar, (ts_bar if need_ts_bar else None)
+    return lam, args_bar, terms_bar, (ts_bar if need_ts_bar else None), dir_bar
 
 
 def _binomial_split(length: Any, free: Any) -> Any:
