@@ -31,6 +31,7 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import Array, Float, Int, PyTree, Shaped
 
 from ..core.tableau import ButcherTableau
 from ._diffrax_compat import while_loop
@@ -158,14 +159,15 @@ class Record(eqx.Module):
     the step; ``ks`` the stage increments (``checkpoint="stages"`` only, else ``None``).
     """
 
-    ys: Any
-    tprev: Any
-    tnext: Any
-    save_before: Any
-    save_after: Any
-    ts_before: Any
-    ts_after: Any
-    ks: Any
+    # Shapes: S = max_steps + 1 (states kept) or 1 (a budget); M = max_steps; s stages.
+    ys: PyTree[Shaped[Array, "S ..."]]  # noqa: F722
+    tprev: Float[Array, " M"]  # noqa: F722
+    tnext: Float[Array, " M"]  # noqa: F722
+    save_before: Int[Array, " M"]  # noqa: F722
+    save_after: Int[Array, " M"]  # noqa: F722
+    ts_before: Int[Array, " M"]  # noqa: F722
+    ts_after: Int[Array, " M"]  # noqa: F722
+    ks: PyTree[Shaped[Array, "M s ..."]] | None  # noqa: F722
 
 
 def _save_index(save_state) -> tuple[Any, Any]:
