@@ -29,6 +29,7 @@ import jax.tree_util as jtu
 
 from ..core.checkpointing import validate_checkpoint
 from ._diffrax_compat import (
+    WrapTerm,
     inner_loop,
     is_sde,
     nondiff_solver_controller_state,
@@ -268,6 +269,8 @@ def _implicit_kernel(self, tableau, solver, terms=None):
 
 
 def _ode_terms_only(terms: Any) -> bool:
+    if isinstance(terms, WrapTerm):  # diffeqsolve's time-direction wrapper
+        return _ode_terms_only(terms.term)
     if isinstance(terms, diffrax.MultiTerm):
         return all(_ode_terms_only(t) for t in terms.terms)
     return isinstance(terms, diffrax.ODETerm)
