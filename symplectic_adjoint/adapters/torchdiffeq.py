@@ -88,8 +88,13 @@ def odeint(
             ``"states"`` keeps ``y_n`` for every accepted step (``N|y|``; the stages are
             recomputed without a graph, ``s-1`` evaluations per step); ``"stages"``
             also keeps the stage inputs ``X_i`` (``N s |y|``; nothing is recomputed);
-            an int ``c >= 1`` keeps at most ``c`` states and replays the recorded steps
-            from the nearest one (binomial checkpointing, DESIGN section 4).
+            an int ``c >= 1`` keeps at most ``c`` checkpoints besides the working state
+            (the latest one) and the final state, and replays the recorded steps from
+            the nearest checkpoint (binomial checkpointing, Griewank--Walther revolve; the
+            same meaning as ``SymplecticAdjoint(checkpoint=c)``): on a fixed grid the
+            optimal offline schedule (``r N - C(c + r, c + 1) - (N - 1)`` replays, ``r``
+            the least integer with ``C(c + r, c) >= N``), for adaptive steps an online
+            one within 1.5x of it.
             ``fehlberg2``/``adaptive_heun`` also keep their carried first slope.
         stats: a :class:`SolveStats` to fill in: accepted/rejected steps and the number
             of evaluations of ``func`` in the forward pass (``nfe_forward``) and, once a
