@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from test_torch_support import Field, relerr, solve_and_grad, torch, torchdiffeq
+from torch_support import Field, relerr, solve_and_grad, torch, torchdiffeq
 
 import symplectic_adjoint
 from symplectic_adjoint.adapters.torchdiffeq import METHODS, SolveStats, odeint

@@ -9,7 +9,7 @@ controller — and a budget of one state must still work.
 from __future__ import annotations
 
 import pytest
-from test_torch_support import FIXED, Field, SolveStats, odeint, relerr, solve_and_grad, torch
+from torch_support import FIXED, Field, SolveStats, odeint, relerr, solve_and_grad, torch
 
 T = torch.tensor([0.0, 0.3, 0.7, 1.5], dtype=torch.float64)
 Y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

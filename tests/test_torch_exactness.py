@@ -8,7 +8,7 @@ pinned; then a case where the continuous adjoint misses, so the bound discrimina
 from __future__ import annotations
 
 import pytest
-from test_torch_support import ADAPTIVE, DEVICES, FIXED, compare, relerr, torch
+from torch_support import ADAPTIVE, DEVICES, FIXED, compare, relerr, torch
 
 METHODS = [*ADAPTIVE, *FIXED]
 FIXED_OPTIONS = {"step_size": 0.125}
@@ -66,7 +66,7 @@ def test_checkpoint_budget_replays_steps_exactly(method, budget):
 
 def test_continuous_adjoint_is_not_exact_on_the_same_case():
     """The 1e-10 bound discriminates: torchdiffeq's continuous adjoint misses it."""
-    from test_torch_support import Field, solve_and_grad, torchdiffeq
+    from torch_support import Field, solve_and_grad, torchdiffeq
 
     field = Field()
     y0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

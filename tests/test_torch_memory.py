@@ -10,7 +10,7 @@ stages), while backprop's peak grows by at least one network graph per evaluatio
 from __future__ import annotations
 
 import pytest
-from test_torch_support import Field, torch, torchdiffeq
+from torch_support import Field, torch, torchdiffeq
 
 from symplectic_adjoint.adapters.torchdiffeq import odeint
 

@@ -8,7 +8,7 @@ wrong side of the jump would change the gradient at O(1).
 from __future__ import annotations
 
 import pytest
-from test_torch_support import ADAPTIVE, FIXED, Field, compare, relerr, torch, torchdiffeq
+from torch_support import ADAPTIVE, FIXED, Field, compare, relerr, torch, torchdiffeq
 
 from symplectic_adjoint.adapters.torchdiffeq import SolveStats, odeint, odeint_event
 

@@ -22,20 +22,20 @@ from typing import Any
 
 import torch
 import torchdiffeq
-from torchdiffeq._impl.misc import (
-    _all_adjoint_callback_names,
-    _all_callback_names,
-    _check_inputs,
-    _flat_to_shape,
-)
 
-from ._torch_adjoint import Plan, SolveStats, SymplecticFunction
-from ._torch_solve import ADAPTIVE_METHODS, FIXED_METHODS, REFUSED_METHODS, SOLVERS
+from ._torch_adjoint import SolveStats, SymplecticFunction
+from ._torch_methods import ADAPTIVE_METHODS as ADAPTIVE_METHODS  # re-exported for tests
+from ._torch_methods import FIXED_METHODS, METHODS, REFUSED_METHODS, SOLVERS
+from ._torch_record import Problem
+from ._torchdiffeq_compat import (
+    ADJOINT_CALLBACK_NAMES,
+    CALLBACK_NAMES,
+    check_inputs,
+    flat_to_shape,
+)
 
 __all__ = ["odeint", "odeint_event", "SolveStats", "METHODS"]
 
-#: Every method this adapter integrates (torchdiffeq's Runge--Kutta methods and tsit5).
-METHODS = (*ADAPTIVE_METHODS, *FIXED_METHODS)
 _ADJOINTS = ("symplectic", "backprop", "adjoint")
 _ADJOINT_KWARGS = ("adjoint_rtol", "adjoint_atol", "adjoint_method", "adjoint_options")
 
@@ -138,16 +138,16 @@ def odeint(
     _check_checkpoint(checkpoint)
     if not torch.is_floating_point(_first(y0)):
         raise ValueError(f"y0 must be real floating point, got {_first(y0).dtype}")
-    shapes, wfunc, y0_flat, t_solver, rtol, atol, method, options, event_fn, reverse = (
-        _check_inputs(func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
+    shapes, wfunc, y0_flat, t_solver, rtol, atol, method, options, event_fn, reverse = check_inputs(
+        func, y0, t, rtol, atol, method, options, event_fn, SOLVERS
     )
     _check_options(method, options)
-    plan = Plan(
+    problem = Problem(
         wfunc=wfunc, method=method, options=options, rtol=rtol, atol=atol,
         event_fn=event_fn, checkpoint=checkpoint, sign=-1.0 if reverse else 1.0,
-        stats=stats if stats is not None else SolveStats(), params=params,
     )  # fmt: skip
-    out = SymplecticFunction.apply(plan, y0_flat, t_solver, *params)
+    stats = stats if stats is not None else SolveStats()
+    out = SymplecticFunction.apply(problem, stats, y0_flat, t_solver, *params)
     return _user_output(out, event=event_fn is not None, t=t_solver, reverse=reverse,
                         shapes=shapes)  # fmt: skip
 
@@ -156,7 +156,7 @@ def _user_output(out: Any, *, event: bool, t: torch.Tensor, reverse: bool, shape
     """torchdiffeq's post-processing: event time in t's dtype and user time, tuple shapes."""
     solution = out[1] if event else out
     if shapes is not None:
-        solution = _flat_to_shape(solution, (len(t),), shapes)
+        solution = flat_to_shape(solution, (len(t),), shapes)
     if not event:
         return solution
     event_t = out[0].to(t)
@@ -304,7 +304,7 @@ class _CountingFunc(torch.nn.Module):
         self.func = func
         self.stats = stats
         self.backward_phase = False
-        for name in (*_all_callback_names, *_all_adjoint_callback_names):
+        for name in (*CALLBACK_NAMES, *ADJOINT_CALLBACK_NAMES):
             if hasattr(func, name):
                 setattr(self, name, getattr(func, name))
 
@@ -334,7 +334,7 @@ def _delegate(func, y0, t, *, rtol, atol, method, options, event_fn, adjoint, pa
 
 def _odeint_tsit5(func, y0, t, *, rtol, atol, method, options, event_fn):
     """``torchdiffeq.odeint``'s own steps with the tsit5 solver class (plain autograd)."""
-    shapes, func, y0, t, rtol, atol, method, options, event_fn, reverse = _check_inputs(
+    shapes, func, y0, t, rtol, atol, method, options, event_fn, reverse = check_inputs(
         func, y0, t, rtol, atol, method, options, event_fn, SOLVERS
     )
     solver = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
