@@ -40,10 +40,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torchdiffeq._impl.misc import Perturb, _compute_error_ratio, _optimal_step_size
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _ButcherTableau
-from torchdiffeq._impl.rk_common import _RungeKuttaState as RungeKuttaState
-from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from ..core import ButcherTableau, DenseOutput
 from ..core.dense import hermite
@@ -51,6 +47,15 @@ from ..core.dense import linear as linear_dense
 from ..core.implicit_methods import get_implicit_tableau, is_diagonally_implicit
 from ..core.implicit_step import implicit_step_vjp, validate_implicit
 from ..core.step import StepVJP, lincomb
+from ._torchdiffeq_compat import (
+    FixedGridODESolver,
+    Perturb,
+    RKAdaptiveStepsizeODESolver,
+    RungeKuttaState,
+    TorchdiffeqTableau,
+    compute_error_ratio,
+    optimal_step_size,
+)
 
 __all__ = [
     "IMPLICIT_FIXED_METHODS",
@@ -66,6 +71,7 @@ __all__ = [
     "implicit_tableau",
     "implicit_interpolant",
     "implicit_reverse_step",
+    "fixed_stage_times",
     "gmres",
 ]
 
@@ -499,11 +505,31 @@ def implicit_reverse_step(
 
 
 def _next(x: torch.Tensor) -> torch.Tensor:
-    return torch.nextafter(x, x + 1)
+    """One ulp up; differentiable (identity derivative): ``x + (next(x) - x)`` is exact."""
+    d = x.detach()
+    return x + (torch.nextafter(d, d + 1) - d)
 
 
 def _prev(x: torch.Tensor) -> torch.Tensor:
-    return torch.nextafter(x, x - 1)
+    d = x.detach()
+    return x + (torch.nextafter(d, d - 1) - d)
+
+
+def fixed_stage_times(
+    tableau: ButcherTableau, t0: Any, dt: Any, t1: Any, ydt: torch.dtype, perturb: bool
+) -> list[torch.Tensor]:
+    """Stage times of a fixed-grid implicit step (elementwise: also for all steps at once)."""
+    out = []
+    for ci in tableau.c:
+        if ci == 0:
+            ti = t0.to(ydt)
+            out.append(_next(ti) if perturb else ti)
+        elif ci == 1:
+            ti = t1.to(ydt)
+            out.append(_prev(ti) if perturb else ti)
+        else:
+            out.append((t0 + dt * ci).to(ydt))
+    return out
 
 
 class _ImplicitMixin:
@@ -549,26 +575,12 @@ class ImplicitFixedGridSolver(_ImplicitMixin, FixedGridODESolver):
         self.core_tableau = implicit_tableau(self.method)
         self.newton = Newton(self.core_tableau, opts, y0.numel())
 
-    def stage_times(self, t0: torch.Tensor, dt: torch.Tensor, t1: torch.Tensor,
-                    ydt: torch.dtype) -> list[torch.Tensor]:  # fmt: skip
-        out = []
-        for ci in self.core_tableau.c:
-            if ci == 0:
-                ti = t0.to(ydt)
-                out.append(_next(ti) if self.perturb else ti)
-            elif ci == 1:
-                ti = t1.to(ydt)
-                out.append(_prev(ti) if self.perturb else ti)
-            else:
-                out.append((t0 + dt * ci).to(ydt))
-        return out
-
     def step_stages(self, fn: Field, t0: Any, dt: Any, t1: Any, y0: torch.Tensor) -> tuple:
         """``(X, k, h)`` of the step from ``t0``: the same computation forward and reverse."""
         t0, dt, t1 = (torch.as_tensor(v, device=y0.device) for v in (t0, dt, t1))
-        times = self.stage_times(t0, dt, t1, y0.dtype)
+        times = fixed_stage_times(self.core_tableau, t0, dt, t1, y0.dtype, bool(self.perturb))
         h = dt.to(y0.dtype)
-        where = f"in the step from t={float(t0):.17g} to t={float(t1):.17g}"
+        where = f"in the step from t={float(t0.detach()):.17g} to t={float(t1.detach()):.17g}"
         X, k = self.newton.step(fn, times, y0, h, None, where)
         return X, k, h
 
@@ -611,7 +623,9 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
 
     def step_stages(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor,
                     h: torch.Tensor, k1: torch.Tensor | None) -> tuple:  # fmt: skip
-        where = f"in the step from t={float(times[0]):.17g} of size {float(h):.17g}"
+        where = (
+            f"in the step from t={float(times[0].detach()):.17g} of size {float(h.detach()):.17g}"
+        )
         return self.newton.step(fn, times, y0, h, k1, where)
 
     def _adaptive_step(self, rk_state):
@@ -656,7 +670,7 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
         tab = self.core_tableau
         y1 = X[-1]  # stiffly accurate: y_{n+1} = y_n + h sum_i b_i k_i is the last stage input
         err = lincomb(None, h, tab.b_error, k)
-        error_ratio = _compute_error_ratio(err, self.rtol, self.atol, y0, y1, self.norm)
+        error_ratio = compute_error_ratio(err, self.rtol, self.atol, y0, y1, self.norm)
         accept = bool(error_ratio <= 1)
         if dt > self.max_step:
             accept = False
@@ -682,7 +696,7 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
         else:
             self.func.callback_reject_step(t0, y0, dt)
             t_next, y_next, f_next = t0, y0, f0
-        dt_next = _optimal_step_size(dt, error_ratio, self.safety, self.ifactor, self.dfactor,
+        dt_next = optimal_step_size(dt, error_ratio, self.safety, self.ifactor, self.dfactor,
                                      self.order)  # fmt: skip
         dt_next = dt_next.clamp(self.min_step, self.max_step)
         return RungeKuttaState(y_next, f_next, t0, t_next, dt_next, interp_coeff)
@@ -692,15 +706,13 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
         return [y0, *(coeff[..., p] for p in range(1, coeff.shape[-1]))]
 
 
-def _torchdiffeq_layout(tab: ButcherTableau) -> _ButcherTableau:
-    """Nodes in torchdiffeq's layout (``alpha`` without ``c_1``; ``beta`` unused)."""
-    s = tab.stages
-    return _ButcherTableau(
-        alpha=torch.tensor(tab.c[1:], dtype=torch.float64),
-        beta=[torch.tensor(tab.a[i][:i], dtype=torch.float64) for i in range(1, s)],
-        c_sol=torch.tensor(tab.b, dtype=torch.float64),
-        c_error=torch.tensor(tab.b_error or [0.0] * s, dtype=torch.float64),
-    )
+def _torchdiffeq_layout(tab: ButcherTableau) -> Any:
+    """The nodes in torchdiffeq's layout (``alpha``, without ``c_1``); the solver reads only
+    those (the stages are solved from the core tableau)."""
+    f64 = torch.float64
+    weights = torch.tensor(tab.b, dtype=f64)
+    error = torch.tensor(tab.b_error, dtype=f64)
+    return TorchdiffeqTableau(torch.tensor(tab.c[1:], dtype=f64), [], weights, error)
 
 
 def _class_name(method: str) -> str:
