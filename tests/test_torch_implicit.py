@@ -212,3 +212,16 @@ def test_kvaerno_matches_diffrax() -> None:
         ys = odeint(func, y0, torch.tensor([0.0, 1.0], dtype=F64), rtol=tol, atol=tol,
                     method=name)  # fmt: skip
         assert _rel(ys[-1].detach(), ref) <= 1e-7, name
+
+
+def test_robertson_example_quick() -> None:
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "robertson.py"
+    spec = importlib.util.spec_from_file_location("robertson_example", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--quick"])
+    assert out["calls"] >= 1 and torch.isfinite(out["k"]).all()
