@@ -147,7 +147,7 @@ def test_checkpoint_modes_agree_bitwise(method: str) -> None:
         assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("method", ["sdirk2", "gl4", "kvaerno4"])
+@pytest.mark.parametrize("method", ["sdirk2", "gl4", "kvaerno5"])
 @pytest.mark.parametrize("solver", [dict(per_sample=True), dict(linear_solver="gmres")])
 def test_linear_solvers_agree(method: str, solver: dict) -> None:
     ys, g = _grads(method, "symplectic")
@@ -201,7 +201,7 @@ def test_kvaerno_matches_diffrax() -> None:
         return -L * (y - jnp.cos(t)) + jnp.tanh(y @ W.T + b) - 0.1 * y**3
 
     y0 = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64)
-    tol = 1e-10
+    tol = 1e-8
     for name, cls in (("kvaerno3", diffrax.Kvaerno3), ("kvaerno4", diffrax.Kvaerno4),
                       ("kvaerno5", diffrax.Kvaerno5)):  # fmt: skip
         sol = diffrax.diffeqsolve(
@@ -211,7 +211,7 @@ def test_kvaerno_matches_diffrax() -> None:
         ref = torch.from_numpy(jax.device_get(sol.ys[-1]).copy())
         ys = odeint(func, y0, torch.tensor([0.0, 1.0], dtype=F64), rtol=tol, atol=tol,
                     method=name)  # fmt: skip
-        assert _rel(ys[-1].detach(), ref) <= 1e-7, name
+        assert _rel(ys[-1].detach(), ref) <= 100 * tol, name
 
 
 def test_robertson_example_quick() -> None:

@@ -44,15 +44,15 @@ __all__ = [
     "method_spec",
 ]
 
-_EXPLICIT_ADAPTIVE = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
-_EXPLICIT_FIXED = ("euler", "midpoint", "heun2", "heun3", "rk4")
-#: Adaptive methods: torchdiffeq's explicit ones, tsit5 and (implicit) kvaerno3/4/5.
-ADAPTIVE_METHODS = (*_EXPLICIT_ADAPTIVE, *IMPLICIT_ADAPTIVE_METHODS)
-#: Fixed-grid methods: torchdiffeq's explicit ones and torchdiffeq master's implicit ones.
-FIXED_METHODS = (*_EXPLICIT_FIXED, *IMPLICIT_FIXED_METHODS)
+#: Explicit adaptive methods (torchdiffeq's and tsit5); the implicit ones are
+#: :data:`~._torch_implicit.IMPLICIT_ADAPTIVE_METHODS`.
+ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
+#: Explicit fixed-grid methods; the implicit ones are ``IMPLICIT_FIXED_METHODS``.
+FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 #: Every method this adapter integrates (torchdiffeq's Runge--Kutta methods, tsit5, and the
-#: implicit methods of :mod:`._torch_implicit`).
-METHODS = (*ADAPTIVE_METHODS, *FIXED_METHODS)
+#: implicit methods of :mod:`._torch_implicit`: torchdiffeq master's names and kvaerno3/4/5).
+METHODS = (*ADAPTIVE_METHODS, *FIXED_METHODS, *IMPLICIT_FIXED_METHODS,
+           *IMPLICIT_ADAPTIVE_METHODS)  # fmt: skip
 REFUSED_METHODS = {
     "explicit_adams": "a linear multistep method (each step reuses earlier slopes)",
     "implicit_adams": "an implicit linear multistep method (solved by fixed-point iteration)",
@@ -101,9 +101,9 @@ class Tsit5Solver(RKAdaptiveStepsizeODESolver):
 #: torchdiffeq's Runge--Kutta solvers plus tsit5 (name -> solver class); never the
 #: registry torchdiffeq itself uses.
 SOLVERS: dict[str, type] = {
-    **{name: TORCHDIFFEQ_SOLVERS[name] for name in _EXPLICIT_ADAPTIVE if name != "tsit5"},
+    **{name: TORCHDIFFEQ_SOLVERS[name] for name in ADAPTIVE_METHODS if name != "tsit5"},
     "tsit5": Tsit5Solver,
-    **{name: TORCHDIFFEQ_SOLVERS[name] for name in _EXPLICIT_FIXED},
+    **{name: TORCHDIFFEQ_SOLVERS[name] for name in FIXED_METHODS},
     **IMPLICIT_SOLVERS,
 }
 #: Methods whose solver classes are ours (``adjoint="backprop"`` runs them with autograd;
@@ -145,7 +145,7 @@ class MethodSpec:
 @cache
 def method_spec(method: str, interp: str = "linear") -> MethodSpec:
     """The :class:`MethodSpec` of ``method`` (``interp`` matters for fixed grids only)."""
-    adaptive = method in ADAPTIVE_METHODS
+    adaptive = method in ADAPTIVE_METHODS or method in IMPLICIT_ADAPTIVE_METHODS
     if method in IMPLICIT_METHODS:  # the carried slope is f(y_n) itself: nothing to keep
         return MethodSpec(
             method=method, adaptive=adaptive, tableau=implicit_tableau(method),

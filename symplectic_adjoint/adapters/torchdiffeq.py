@@ -205,7 +205,7 @@ def _check_method(method: str | None, adjoint: str) -> str:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method in OWN_METHODS and adjoint == "adjoint":
         raise ValueError(
-            f"method {method!r} is not a torchdiffeq 0.2.5 solver, so torchdiffeq.odeint_adjoint "
+            f"method {method!r} is not a torchdiffeq solver (0.2.5), so torchdiffeq.odeint_adjoint "
             "cannot run it; use adjoint='symplectic' or 'backprop'"
         )
     return method
