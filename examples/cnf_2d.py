@@ -6,8 +6,9 @@ normal at ``t = 1``; the log-density changes by ``dΔ/dt = -tr(∂f/∂z)``, so
     log p(x) = log N(z(1)) - Δ(1),    (z, Δ)(0) = (x, 0).
 
 The vector field with its exact 2-D Jacobian trace is the one of the demo
-(``symplectic_adjoint._cnf_torch.CNF``); this script shows the training loop a user
-writes around it, with the ODE solve spelled out:
+(``symplectic_adjoint.demo.cnf_torch.CNF``), the data and the figure come from
+``symplectic_adjoint.demo.toy2d``; this script shows the training loop a user writes
+around them, with the ODE solve spelled out:
 
 * ``odeint(field, y0, t, method=..., options=..., adjoint=...)`` is a drop-in for
   ``torchdiffeq.odeint``; ``--adjoint`` switches between ``symplectic`` (exact,
@@ -17,8 +18,9 @@ writes around it, with the ODE solve spelled out:
 * ``SolveStats`` reports the accepted steps, function evaluations and the bytes the
   forward pass kept for the backward pass.
 
-Run ``python examples/cnf_2d.py`` (1-2 minutes on a CPU; writes ``cnf_2d.png``),
-``--density checkerboard``, ``--adjoint backprop``, or ``--quick`` for a few iterations.
+Run ``python examples/cnf_2d.py`` (about a minute on a CPU; writes
+``examples-out/cnf_2d_moons.png``), ``--density checkerboard``, ``--adjoint backprop``,
+or ``--quick`` for a few iterations. Needs the ``[torch]`` and ``[demo]`` extras.
 ``python -m symplectic_adjoint demo`` runs the same model with memory/time comparisons.
 """
 
@@ -29,12 +31,21 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from symplectic_adjoint.demo.extras import requirements
 
-from symplectic_adjoint import SolveStats, odeint
-from symplectic_adjoint._cnf_torch import CNF, SolveSpec, sample
-from symplectic_adjoint._toy2d import DENSITIES, grid_points, sample_density, save_density_figure
+with requirements("examples/cnf_2d.py", "torch", "torchdiffeq", "matplotlib"):
+    import matplotlib  # noqa: F401  (the figure; checked before training starts)
+    import numpy as np
+    import torch
+
+    from symplectic_adjoint import SolveStats, odeint
+    from symplectic_adjoint.demo.cnf_torch import CNF, SolveSpec, sample
+    from symplectic_adjoint.demo.toy2d import (
+        DENSITIES,
+        grid_points,
+        sample_density,
+        save_density_figure,
+    )
 
 
 def log_prob(
@@ -58,18 +69,30 @@ def log_prob(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--adjoint", choices=("symplectic", "backprop", "adjoint"), default="symplectic"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", choices=("states", "stages"), default="states")
-    parser.add_argument("--density", choices=sorted(DENSITIES), default="moons")
-    parser.add_argument("--iterations", type=int, default=800)
-    parser.add_argument("--ode-steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("cnf_2d.png"), help="figure path")
-    parser.add_argument("--quick", action="store_true", help="a few iterations, small model")
+    add = parser.add_argument
+    add(
+        "--adjoint",
+        choices=("symplectic", "backprop", "adjoint"),
+        default="symplectic",
+        help="gradient method of odeint",
+    )
+    add(
+        "--checkpoint",
+        choices=("states", "stages"),
+        default="states",
+        help="what the symplectic adjoint keeps per step",
+    )
+    add("--density", choices=sorted(DENSITIES), default="moons", help="the 2-D data")
+    add("--iterations", type=int, default=800, help="training iterations (Adam)")
+    add("--ode-steps", type=int, default=8, help="rk4 steps on [0, 1]")
+    add("--batch", type=int, default=256, help="points per iteration")
+    add("--seed", type=int, default=0, help="random seed")
+    add("--out", type=Path, default=Path("examples-out"), help="folder for the figure")
+    add("--quick", action="store_true", help="5 iterations of a small model")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -112,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = SolveSpec(method="rk4", n_steps=args.ode_steps)
         samples = sample(field, 20000, spec=spec, generator=torch.Generator().manual_seed(0))
     figure = save_density_figure(
-        args.out,
+        args.out / f"cnf_2d_{args.density}.png",
         data=sample_density(args.density, 20000, rng=rng),
         grid_logp=logp.reshape(grid, grid).numpy(),
         samples=samples.numpy(),

@@ -23,7 +23,8 @@ What it shows:
 
 Run ``python examples/learn_physics.py`` (a few seconds to a minute on a CPU; the
 continuous adjoint is slower), ``--adjoint adjoint`` to compare, ``--quick`` for a
-shorter horizon and fewer iterations.
+shorter horizon and fewer iterations. Needs the ``[torch]`` extra;
+``examples/learn_physics_jax.py`` is the same fit in JAX/diffrax.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from torch import nn
+from symplectic_adjoint.demo.extras import requirements
 
-from symplectic_adjoint import SolveStats, odeint
+with requirements("examples/learn_physics.py", "torch", "torchdiffeq"):
+    import torch
+    from torch import nn
+
+    from symplectic_adjoint import SolveStats, odeint
 
 TRUE_PARAMS = (1.5, 1.0, 3.0, 1.0)
 INITIAL_GUESS = (1.2, 0.8, 2.5, 0.8)
@@ -125,12 +129,18 @@ def fit(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
-        "--adjoint", choices=("symplectic", "backprop", "adjoint"), default="symplectic"
+        "--adjoint",
+        choices=("symplectic", "backprop", "adjoint"),
+        default="symplectic",
+        help="gradient method of odeint",
     )
     parser.add_argument("--noise", type=float, default=0.05, help="observation noise (std)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the noise")
     parser.add_argument("--quick", action="store_true", help="short horizon, few iterations")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

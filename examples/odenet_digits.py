@@ -15,7 +15,8 @@ to rounding, so their training curves coincide (up to floating-point summation o
 The data (1797 images) ships with scikit-learn: nothing is downloaded.
 
 Run ``python examples/odenet_digits.py`` (under a minute on a CPU; ~96 % test accuracy),
-``--adjoint backprop`` to compare, ``--quick`` for a seconds-long smoke run.
+``--adjoint backprop`` to compare, ``--quick`` for a seconds-long smoke run. Needs the
+``[torch]`` and ``[demo]`` (scikit-learn) extras.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
+from symplectic_adjoint.demo.extras import requirements
 
-from symplectic_adjoint import odeint
+with requirements("examples/odenet_digits.py", "torch", "torchdiffeq", "sklearn"):
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from torch import nn
+
+    from symplectic_adjoint import odeint
 
 
 class ODEFunc(nn.Module):
@@ -106,16 +110,22 @@ def train_epoch(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
-        "--adjoint", choices=("symplectic", "backprop", "adjoint"), default="symplectic"
+        "--adjoint",
+        choices=("symplectic", "backprop", "adjoint"),
+        default="symplectic",
+        help="gradient method of odeint",
     )
     parser.add_argument("--method", default="rk4", help="fixed-grid torchdiffeq method")
     parser.add_argument("--ode-steps", type=int, default=4, help="steps on [0, 1]")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    parser.add_argument("--batch", type=int, default=64, help="minibatch size")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (split, init)")
     parser.add_argument("--quick", action="store_true", help="2 epochs on 300 images")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -12,24 +12,33 @@ from symplectic_adjoint.__main__ import main
 
 EXPECTED = {
     "torch": {"backprop", "odeint_adjoint", "symplectic states", "symplectic stages"},
-    "jax": {"Symplectic (states)", "Symplectic (stages)", "RecursiveCheckpoint(N)", "Backsolve"},
+    "jax": {
+        "Symplectic (states)",
+        "Symplectic (stages)",
+        "backprop: RecursiveCheckpoint(N)",
+        "Backsolve",
+    },
 }
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_bench_quick_writes_tables_json_and_plots(backend, tmp_path, capsys):
+def test_bench_quick_writes_tables_json_and_plots(backend, tmp_path, capfd):
     pytest.importorskip(backend)
     pytest.importorskip("matplotlib")
     out = tmp_path / "bench"
     assert main(["bench", "--quick", "--backend", backend, "--no-progress", "--out", str(out)]) == 0
 
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
     assert "| backend | case | N | method |" in printed
+    assert "| memory / backprop |" in printed and "| time / backprop |" in printed
+    assert "USDT" not in captured.err  # the profiler's C++ log lines are silenced
     assert (out / "results.md").read_text().count(f"| {backend} |") >= len(EXPECTED[backend])
     assert (out / f"{backend}.png").stat().st_size > 1000
 
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert EXPECTED[backend] <= {r["method"] for r in rows}
+    assert rows[0]["method"].startswith("backprop") and rows[0]["memory_ratio"] == 1.0
     assert 4 in {r["steps"] for r in rows}
     for r in rows:
         assert r["memory_bytes"] > 0 and r["time_s"] > 0

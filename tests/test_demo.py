@@ -33,6 +33,12 @@ def _check_summary(output: str, figure_dir: Path, *, methods: list[str]) -> None
     for method in methods:
         assert method in output
     assert _grad_error(output) <= 1e-10
+    # The table's reference is backprop: named in the header, first row, ratios 1.
+    lines = output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("gradient method"))
+    assert lines[header].count("/ backprop") == 2, lines[header]
+    first = lines[header + 2]
+    assert first.startswith("backprop") and re.search(r" 1\.000x .* 1\.00x$", first), first
     pngs = list(figure_dir.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 0
 
@@ -42,22 +48,29 @@ def _need(*modules: str) -> None:
         pytest.importorskip(name)
 
 
-def test_demo_cli_torch_quick(tmp_path: Path) -> None:
-    _need("torch", "torchdiffeq", "matplotlib", "tqdm")
+def test_demo_cli_torch_quick_shows_progress_in_a_log(tmp_path: Path) -> None:
+    """The command CI runs, with its output going to files (not a terminal): each phase is
+    announced and training and measuring report progress as lines on stderr."""
+    _need("torch", "torchdiffeq", "matplotlib")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    cmd = [sys.executable, "-m", "symplectic_adjoint", "demo", "--quick", "--no-progress"]
+    cmd = [sys.executable, "-m", "symplectic_adjoint", "demo", "--quick"]
     proc = subprocess.run(
         [*cmd, "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _check_summary(proc.stdout, tmp_path, methods=["symplectic", "backprop", "continuous adjoint"])
+    for phase in ("[1/4] training", "[2/4] gradient check", "[3/4] measuring", "[4/4]"):
+        assert phase in proc.stdout
+    assert re.search(r"^training: 3/3 \(100%\)", proc.stderr, flags=re.M), proc.stderr
+    assert re.search(r"^measuring: 4/4 \(100%\)", proc.stderr, flags=re.M), proc.stderr
+    assert "USDT" not in proc.stderr and "\r" not in proc.stderr
 
 
 def test_demo_main_jax_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _need("jax", "diffrax", "equinox", "matplotlib", "tqdm")
+    _need("jax", "diffrax", "equinox", "matplotlib")
     from symplectic_adjoint import demo
 
     argv = ["--backend", "jax", "--quick", "--no-progress", "--out", str(tmp_path)]
@@ -67,12 +80,13 @@ def test_demo_main_jax_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_quick_keeps_explicit_sizes() -> None:
-    from symplectic_adjoint.demo import QUICK, parse_config
+    from symplectic_adjoint.demo.cli import QUICK, parse_config
 
-    config = parse_config(["--quick", "--steps", "7", "--backend", "jax"])
-    assert config.train_steps == 7 and config.solver == "tsit5"
+    config = parse_config(["--quick", "--iterations", "7", "--backend", "jax"])
+    assert config.iterations == 7 and config.solver == "tsit5"
     assert config.batch == QUICK["batch"] and config.quick
     assert parse_config([]).solver == "rk4" and not parse_config([]).quick
+    assert parse_config(["--no-progress"]).progress == "off"
 
 
 @pytest.mark.parametrize(
@@ -87,19 +101,20 @@ def test_demo_fails_on_inexact_gradient_or_diverged_loss(
     nll: float,
     status: int,
 ) -> None:
-    from symplectic_adjoint import demo
-    from symplectic_adjoint._toy2d import Report
+    from symplectic_adjoint.demo import cli
+    from symplectic_adjoint.demo.toy2d import Report
 
     def fake_run(config: object) -> Report:
         return Report(
-            backend="torch", solver="rk4", density="moons", train_steps=1, final_nll=nll,
+            backend="torch", solver="rk4", density="moons", iterations=1, final_nll=nll,
             grad_rel_error=grad_error, grad_reference="backprop", memory_measure="-",
             figure=tmp_path / "cnf.png",
         )  # fmt: skip
 
-    monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr(cli, "run", fake_run)
+    monkeypatch.setattr(cli, "check_requirements", lambda config, prog: None)
     # jax: main() itself then imports no framework (run is faked), so any tox env runs it
-    assert demo.main(["--backend", "jax", "--quick", "--no-progress"]) == status
+    assert cli.main(["--backend", "jax", "--quick", "--no-progress"]) == status
     assert ("FAILED" in capsys.readouterr().err) == (status == 1)
 
 
@@ -115,11 +130,10 @@ def _example(name: str) -> ModuleType:
 
 def test_example_cnf_2d(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _need("torch", "torchdiffeq", "matplotlib")
-    figure = tmp_path / "cnf.png"
-    assert _example("cnf_2d").main(["--quick", "--out", str(figure)]) == 0
+    assert _example("cnf_2d").main(["--quick", "--out", str(tmp_path)]) == 0
     output = capsys.readouterr().out
     assert "NLL" in output and "kept" in output
-    assert figure.stat().st_size > 0
+    assert (tmp_path / "cnf_2d_moons.png").stat().st_size > 0
 
 
 def test_example_learn_physics(capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,3 +151,12 @@ def test_example_odenet_digits(capsys: pytest.CaptureFixture[str]) -> None:
     output = capsys.readouterr().out
     match = re.search(r"test accuracy: ([0-9.]+)", output)
     assert match and 0.0 <= float(match.group(1)) <= 1.0
+
+
+def test_example_learn_physics_jax(capsys: pytest.CaptureFixture[str]) -> None:
+    _need("jax", "diffrax", "equinox", "scipy")
+    assert _example("learn_physics_jax").main(["--quick"]) == 0
+    output = capsys.readouterr().out
+    assert _grad_error(output) <= 1e-10
+    for name in ("alpha", "beta", "gamma", "delta", "BFGS"):
+        assert name in output

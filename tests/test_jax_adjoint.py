@@ -17,42 +17,13 @@ eqx = pytest.importorskip("equinox")
 
 import jax.numpy as jnp  # noqa: E402
 import jax.tree_util as jtu  # noqa: E402
+from jax_support import make_problem, relerr  # noqa: E402
 
 from symplectic_adjoint import SymplecticAdjoint  # noqa: E402
 
 pytestmark = pytest.mark.jax
 
 RCA = diffrax.RecursiveCheckpointAdjoint()
-
-
-class Field(eqx.Module):
-    """A small nonlinear, non-autonomous vector field with its own parameters."""
-
-    mlp: eqx.nn.MLP
-
-    def __call__(self, t, y, args):
-        net, scale = args
-        return self.mlp(y) * scale + 0.3 * jnp.tanh(net(y)) + jnp.sin(2.0 * t) * y[::-1]
-
-
-def make_problem(dtype=jnp.float64):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    cast = lambda tree: jtu.tree_map(  # noqa: E731
-        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree
-    )
-    field = cast(Field(eqx.nn.MLP(3, 3, 8, 1, activation=jnp.tanh, key=k1)))
-    net = cast(eqx.nn.Linear(3, 3, key=k2))
-    y0 = jnp.array([0.4, -0.3, 0.8], dtype)
-    args = (net, jnp.asarray(1.2, dtype))
-    return field, y0, args
-
-
-def relerr(a, b):
-    la, lb = jtu.tree_leaves(a), jtu.tree_leaves(b)
-    assert len(la) == len(lb)
-    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(la, lb, strict=True))
-    den = sum(float(jnp.sum(y**2)) for y in lb)
-    return (num / den) ** 0.5
 
 
 @eqx.filter_jit

@@ -18,27 +18,13 @@ diffrax = pytest.importorskip("diffrax")
 eqx = pytest.importorskip("equinox")
 
 import jax.numpy as jnp  # noqa: E402
-import jax.tree_util as jtu  # noqa: E402
-from test_jax_adjoint import relerr  # noqa: E402
+from jax_support import Field, relerr  # noqa: E402
+from jax_support import make_mlp as make_field  # noqa: E402
 
 from symplectic_adjoint import SymplecticAdjoint  # noqa: E402
 from symplectic_adjoint.adapters._jax_reverse import _budget_sweep  # noqa: E402
 
 pytestmark = pytest.mark.jax
-
-
-class Field(eqx.Module):
-    """A small nonlinear, non-autonomous vector field with parameters in the term."""
-
-    mlp: eqx.nn.MLP
-
-    def __call__(self, t, y, args):
-        return self.mlp(y) * args + jnp.sin(2.0 * t) * y[::-1]
-
-
-def make_field():
-    mlp = eqx.nn.MLP(3, 3, 8, 1, activation=jnp.tanh, key=jax.random.PRNGKey(0))
-    return jtu.tree_map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, mlp)
 
 
 Y0 = jnp.array([0.4, -0.3, 0.8])

@@ -89,3 +89,60 @@ def test_backprop_memory_grows_by_a_graph_per_evaluation():
 def test_budget_memory_is_flat():
     peaks = [_peak_saved_bytes(odeint, n, checkpoint=3) for n in (8, 16, 32)]
     assert peaks[0] == peaks[1] == peaks[2]
+
+
+def test_solver_is_freed_when_the_forward_returns(monkeypatch):
+    """Nothing the backward does not need outlives the forward: torchdiffeq's solver (its
+    final y1, f1, stage tensor and interpolation coefficients) is unreachable once the
+    solution is returned, while the graph to differentiate it is still alive."""
+    import gc
+    import weakref
+
+    from symplectic_adjoint.adapters import _torch_record
+
+    solvers: list[weakref.ref] = []
+    recording_class = _torch_record.recording_class
+
+    def tracked(method):
+        cls = recording_class(method)
+
+        class Tracked(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                solvers.append(weakref.ref(self))
+
+        return Tracked
+
+    monkeypatch.setattr(_torch_record, "recording_class", tracked)
+    field = Field()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    for method, options in (("dopri5", {}), ("fehlberg2", {}), ("rk4", {"step_size": 0.1})):
+        for checkpoint in ("states", "stages", 2):
+            solvers.clear()
+            ys = odeint(field, y0, t, method=method, options=options, checkpoint=checkpoint)
+            gc.collect()
+            assert len(solvers) == 1 and solvers[0]() is None, (method, checkpoint)
+            ys.sum().backward()  # the backward runs without it
+
+
+@pytest.mark.parametrize("method", ["fehlberg2", "adaptive_heun", "dopri5"])
+@pytest.mark.parametrize("checkpoint", ["states", "stages"])
+def test_saved_tensors_own_their_storage(method, checkpoint):
+    """A saved slope is not a view into torchdiffeq's stage tensor of a step (which would
+    keep all s slopes of every step alive): every saved tensor's storage is its own size."""
+    saved: list[torch.Tensor] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x)
+        return x
+
+    field = Field()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)  # slopes kept
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        ys = odeint(field, y0, t, method=method, checkpoint=checkpoint)
+    assert saved
+    for x in saved:
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    ys.sum().backward()

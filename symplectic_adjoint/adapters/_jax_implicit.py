@@ -36,14 +36,14 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-from diffrax._solver.runge_kutta import ButcherTableau as DiffraxTableau
-from diffrax._solver.runge_kutta import MultiButcherTableau
-from equinox.internal import ω
+from diffrax import ButcherTableau as DiffraxTableau
+from diffrax import MultiButcherTableau
 
 from ..core.implicit_methods import IMPLICIT_EULER_DIFFRAX, AdditiveTableau, _tableau
 from ..core.implicit_step import implicit_step_vjp
 from ..core.step import lincomb
 from ..core.tableau import ButcherTableau
+from ._diffrax_compat import ω
 
 __all__ = ["ImplicitKernel", "implicit_core_tableau"]
 

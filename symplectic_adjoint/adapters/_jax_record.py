@@ -28,12 +28,13 @@ from typing import Any
 
 import diffrax
 import equinox as eqx
-import equinox.internal as eqxi
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax._solver.runge_kutta import ButcherTableau as DiffraxTableau
+from jaxtyping import Array, Float, Int, PyTree, Shaped
 
 from ..core.tableau import ButcherTableau
+from ._diffrax_compat import while_loop
 
 __all__ = ["Record", "StageKeepingSolver", "core_tableau", "recording_loops"]
 
@@ -67,7 +68,7 @@ def core_tableau(solver: Any) -> ButcherTableau:
             f"implicit: {_ALTERNATIVE}."
         )
     tab = getattr(type(solver), "tableau", None)
-    if not isinstance(solver, diffrax.AbstractERK) or not isinstance(tab, DiffraxTableau):
+    if not isinstance(solver, diffrax.AbstractERK) or not isinstance(tab, diffrax.ButcherTableau):
         raise NotImplementedError(
             f"`SymplecticAdjoint` handles diffrax's explicit Runge--Kutta solvers (Euler, "
             f"Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8, ...); `{name}` is not "
@@ -89,16 +90,25 @@ def core_tableau(solver: Any) -> ButcherTableau:
 
 
 class StageKeepingSolver(diffrax.AbstractSolver):
-    """Wraps an explicit Runge--Kutta solver so that its state also carries the stage
-    increments ``K_i`` (``dense_info["k"]``) of the last accepted step.
+    """Wraps an explicit Runge--Kutta solver for the recorded forward pass.
 
-    diffrax's loop keeps or discards the solver state with the step, so after every
-    accepted step the recording loop finds that step's increments in
-    ``state.solver_state[1]``. Everything else is delegated unchanged, so the solve is
-    bitwise diffrax's.
+    ``keep_k``: the solver state also carries the stage increments ``K_i``
+    (``dense_info["k"]``) of the last accepted step; diffrax's loop keeps or discards
+    the solver state with the step, so after every accepted step the recording loop
+    finds that step's increments in ``state.solver_state[1]``.
+
+    ``detach``: the step's outputs (state, error, dense information, solver state) are
+    stop-gradiented. The forward pass then pushes forward-mode tangents of the *times*
+    only (``t0``, ``t1``, ``dt0``, the controller's arrays) through diffrax's loop: a
+    state tangent would be dead code that is removed, so the time recurrence of the
+    step-size controller is differentiated exactly, at the cost of scalar arithmetic.
+
+    Everything else is delegated unchanged (values are bitwise diffrax's).
     """
 
     solver: diffrax.AbstractSolver
+    keep_k: bool = eqx.field(default=True, static=True)
+    detach: bool = eqx.field(default=False, static=True)
 
     @property
     def term_structure(self):  # type: ignore[override]
@@ -128,11 +138,15 @@ class StageKeepingSolver(diffrax.AbstractSolver):
         return self.solver.func(terms, t0, y0, args)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        inner_state, _ = solver_state
+        inner_state = solver_state[0] if self.keep_k else solver_state
         y1, err, dense_info, inner_state, result = self.solver.step(
             terms, t0, t1, y0, args, inner_state, made_jump
         )
-        return y1, err, dense_info, (inner_state, dense_info["k"]), result
+        if self.detach:
+            y1, err, dense_info, inner_state = lax.stop_gradient((y1, err, dense_info, inner_state))
+        if self.keep_k:
+            inner_state = (inner_state, dense_info["k"])
+        return y1, err, dense_info, inner_state, result
 
 
 class Record(eqx.Module):
@@ -145,14 +159,15 @@ class Record(eqx.Module):
     the step; ``ks`` the stage increments (``checkpoint="stages"`` only, else ``None``).
     """
 
-    ys: Any
-    tprev: Any
-    tnext: Any
-    save_before: Any
-    save_after: Any
-    ts_before: Any
-    ts_after: Any
-    ks: Any
+    # Shapes: S = max_steps + 1 (states kept) or 1 (a budget); M = max_steps; s stages.
+    ys: PyTree[Shaped[Array, "S ..."]]  # noqa: F722
+    tprev: Float[Array, " M"]  # noqa: F722
+    tnext: Float[Array, " M"]  # noqa: F722
+    save_before: Int[Array, " M"]  # noqa: F722
+    save_after: Int[Array, " M"]  # noqa: F722
+    ts_before: Int[Array, " M"]  # noqa: F722
+    ts_after: Int[Array, " M"]  # noqa: F722
+    ks: PyTree[Shaped[Array, "M s ..."]] | None  # noqa: F722
 
 
 def _save_index(save_state) -> tuple[Any, Any]:
@@ -187,7 +202,7 @@ def recording_loops(
     state: the memory is then ``|y|`` plus ``O(max_steps)`` scalars.
     """
     box: list = []
-    inner = ft.partial(eqxi.while_loop, kind="lax")
+    inner = ft.partial(while_loop, kind="lax")
 
     def outer(cond_fun, body_fun, init_val, *, max_steps: int, buffers):
         record = _empty_record(init_val, max_steps, k_struct, keep_states)
@@ -227,7 +242,7 @@ def recording_loops(
             )
             return new, rec
 
-        final_state, rec = eqxi.while_loop(
+        final_state, rec = while_loop(
             cond,
             body,
             (init_val, record),

@@ -43,9 +43,9 @@ The stack therefore reverses the steps in the order ``N-1, ..., 0`` (as the
 C(s + r, s)`` and ``r`` the least integer with ``beta(s, r) >= l``, the split
 ``m = min(beta(s, r-1), l - beta(s-1, r-1))`` is the binomial (Griewank--Walther
 revolve) choice: it attains the minimal number of replayed steps ``T(l, f) = min_m [m +
-T(m, f) + T(l-m, f-1)]`` (checked against that recursion exhaustively for ``l < 200``,
-``f <= 6``). Any ``m`` in ``(a, b)`` gives the same gradient; only the replay count
-depends on it.
+T(m, f) + T(l-m, f-1)]`` (the core's ``binomial_split``, checked against that recursion
+exhaustively for ``l < 200``, ``f <= 6``). Any ``m`` in ``(a, b)`` gives the same
+gradient; only the replay count depends on it.
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from equinox.internal import ω
 
+from ..core.checkpointing import binomial_split
 from ..core.step import lincomb, rk_step, rk_step_vjp, stage_input
 from ..core.tableau import ButcherTableau
+from ._diffrax_compat import ω
 from ._jax_record import Record
 
 __all__ = ["Checkpoints", "reverse_sweep"]
@@ -120,8 +121,9 @@ def reverse_sweep(
     need_ts_bar: bool,
     steps: int,
     t0_equals_t1: Any,
-    implicit: Any = None,  # HOOK(stiff): an _jax_implicit.ImplicitKernel for implicit solvers
-) -> tuple[Any, Any, Any, Any]:
+    dtimes: Any = None,
+    implicit: Any = None,
+) -> tuple[Any, Any, Any, Any, Any]:
     """Cotangents of ``(y0, args, terms, saveat ts)`` from those of the save buffer.
 
     Arguments:
@@ -139,12 +141,23 @@ def reverse_sweep(
         need_ts_bar: whether the output times are differentiated.
         steps: ``SaveAt(steps=...)`` (``0`` for none).
         t0_equals_t1: a solve of zero length (outputs are copies of ``y_0``).
+        dtimes: ``(D, 2, max_steps)`` forward-mode tangents of the recorded step ends
+            ``(tprev_n, tnext_n)`` in ``D`` directions (the perturbed time inputs), or
+            ``None`` when no time input is differentiated.
 
     Returns:
-        ``(y0_bar, args_bar, terms_bar, ts_bar)``; ``args_bar``/``terms_bar`` have the
-        structure of ``eqx.filter(., eqx.is_inexact_array)``, ``ts_bar`` is ``None`` when
-        ``ts`` is.
+        ``(y0_bar, args_bar, terms_bar, ts_bar, dir_bar)``; ``args_bar``/``terms_bar``
+        have the structure of ``eqx.filter(., eqx.is_inexact_array)``, ``ts_bar`` is
+        ``None`` when ``ts`` is; ``dir_bar`` (``(D,)``, or ``None``) is the cotangent of
+        the ``D`` tangent directions of ``dtimes``.
     """
+    if implicit is not None and dtimes is not None:
+        raise NotImplementedError(
+            "`SymplecticAdjoint` does not yet differentiate `t0`, `t1`, `dt0`, `StepTo(ts=...)` "
+            "or the step-size controller's arrays for implicit/IMEX solvers; keep those "
+            "constant (e.g. `jax.lax.stop_gradient`), or use "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
     s = tableau.stages
     c = tableau.c
     diff_args, static_args = eqx.partition(args, eqx.is_inexact_array)
@@ -159,21 +172,23 @@ def reverse_sweep(
 
     def interp_vjp(t, out_bar, tprev, tnext, y_n, y_n1, k_stacked):
         # diffrax's interpolant is linear in (y_n, y_{n+1}, K): its VJP calls no network.
-        def interp(_t, _y0, _y1, _k):
+        def interp(_t, _y0, _y1, _k, _tp, _tn):
             info = dict(y0=_y0, y1=_y1, k=_k) if has_k else dict(y0=_y0, y1=_y1)
-            return interpolation_cls(t0=tprev, t1=tnext, **info).evaluate(_t)
+            return interpolation_cls(t0=_tp, t1=_tn, **info).evaluate(_t)
 
-        _, pull = jax.vjp(interp, t, y_n, y_n1, k_stacked)
+        _, pull = jax.vjp(interp, t, y_n, y_n1, k_stacked, tprev, tnext)
         return pull(out_bar)
 
+    def stage_time(i, tprev, tnext):
+        # As diffrax: a node with c_i = 1 is exactly t1 (no rounding of t0 + dt).
+        return tnext if c[i] == 1 else tprev + c[i] * (tnext - tprev)
+
     def step_data(n):
-        # The recorded ends of step n, its control and its stage times. diffrax evaluates
-        # a node with c_i = 1 at exactly t1 (no rounding of t0 + dt).
+        # The recorded ends of step n, its control and its stage times.
         tprev = checkpoints.record.tprev[n]
         tnext = checkpoints.record.tnext[n]
         control = terms.contr(tprev, tnext)
-        dt = tnext - tprev
-        times = [tnext if ci == 1 else tprev + ci * dt for ci in c]
+        times = [stage_time(i, tprev, tnext) for i in range(s)]
         return tprev, tnext, control, times
 
     def replay(n, y_n):
@@ -187,14 +202,16 @@ def reverse_sweep(
         return rk_step(tableau, f, ω(y_n), 1, check=False).y1.ω
 
     def step_adjoint(n, y_n, lam, acc, ts_bar):
+        acc, dir_bar = acc
         tprev, tnext, control, times = step_data(n)
+        t_pair = None  # cotangents of (tprev, tnext) from the outputs of this step
 
         def vf_prod(i, X):
             return terms.vf_prod(times[i], X, args, control)
 
         ks = checkpoints.increments(n, s)
         X: list = []
-        if implicit is not None:  # HOOK(stiff): stages by the solver's own root find
+        if implicit is not None:  # stages by the solver's own root find
             ks, X = implicit.stages(terms, args, tprev, tnext, y_n, ks)
         elif ks is None:
             ks = []
@@ -230,30 +247,41 @@ def reverse_sweep(
                 return carry[0] < ts_after
 
             def out_body(carry):
-                j, y0b, y1b, kb, tsb = carry
+                j, y0b, y1b, kb, tsb, tpair = carry
                 out_bar = _at(ybar, save_before + (j - ts_before))
-                tb, d0, d1, dk = interp_vjp(ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked)
+                tb, d0, d1, dk, dtp, dtn = interp_vjp(
+                    ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked
+                )
                 if has_k:
                     kb = _tree_add(kb, dk)
-                return j + 1, _tree_add(y0b, d0), _tree_add(y1b, d1), kb, tsb.at[j].add(tb)
+                tpair = tpair + jnp.stack([dtp, dtn])
+                y0b, y1b = _tree_add(y0b, d0), _tree_add(y1b, d1)
+                return j + 1, y0b, y1b, kb, tsb.at[j].add(tb), tpair
 
-            _, y0_extra, y1b, kb, ts_bar = lax.while_loop(
-                out_cond, out_body, (ts_before, zero_y, zero_y, zero_k, ts_bar)
+            zero_pair = jnp.zeros(2, jnp.result_type(tprev))
+            _, y0_extra, y1b, kb, ts_bar, t_pair = lax.while_loop(
+                out_cond, out_body, (ts_before, zero_y, zero_y, zero_k, ts_bar, zero_pair)
             )
             lam = _tree_add(lam, y1b)
             if has_k:
                 k_extra = [ω(_at(kb, i)) for i in range(s)]
 
         def stage_vjp(i, Xi, kbar, carry):
-            def f(_X, _diff_args, _diff_terms):
+            # The control (e.g. a CDE's interpolated path, or dt for an ODE) and the stage
+            # time are computed inside the differentiated function: their data and the
+            # step's ends get their cotangents here.
+            def f(_X, _diff_args, _diff_terms, _tp, _tn):
                 _terms = eqx.combine(_diff_terms, static_terms)
-                return _terms.vf_prod(times[i], _X, eqx.combine(_diff_args, static_args), control)
+                _args = eqx.combine(_diff_args, static_args)
+                return _terms.vf_prod(stage_time(i, _tp, _tn), _X, _args, _terms.contr(_tp, _tn))
 
             def linearise_and_pull(operands):
                 _X, _kbar, _dargs, _dterms, _acc = operands
-                _, pull = jax.vjp(f, _X, _dargs, _dterms)
-                _Xbar, args_bar, terms_bar = pull(_kbar)
-                return _Xbar, _tree_add(_acc, (args_bar, terms_bar))
+                _, pull = jax.vjp(f, _X, _dargs, _dterms, tprev, tnext)
+                _Xbar, args_bar, terms_bar, tp_bar, tn_bar = pull(_kbar)
+                acc, pair = _acc
+                pair = pair + jnp.stack([tp_bar, tn_bar])
+                return _Xbar, (_tree_add(acc, (args_bar, terms_bar)), pair)
 
             def skip(operands):  # never taken; the same structure as the VJP's result
                 _X, _, _, _, _acc = operands
@@ -272,11 +300,16 @@ def reverse_sweep(
             )
             return ω(Xbar), None, carry
 
-        if implicit is not None:  # HOOK(stiff): implicit adjoint with transposed solves
+        if implicit is not None:
+            # Implicit/IMEX steps: the core's implicit adjoint with transposed solves. Time
+            # inputs of the grid are refused for them (refused in `reverse_sweep`), so
+            # there is no (tprev, tnext) cotangent to chain.
             y0_bar, acc = implicit.step_vjp(
                 terms, args, n, times, control, X, lam, k_extra, y0_extra, acc
             )
-            return y0_bar, acc, ts_bar
+            return y0_bar, (acc, dir_bar), ts_bar
+        if t_pair is None:
+            t_pair = jnp.zeros(2, jnp.result_type(tprev))
         result = rk_step_vjp(
             tableau,
             stage_vjp,
@@ -285,11 +318,17 @@ def reverse_sweep(
             1,
             k_bar=k_extra,
             y0_bar=None if y0_extra is None else ω(y0_extra),
-            carry=acc,
+            carry=(acc, t_pair),
         )
-        return result.y0_bar.ω, result.carry, ts_bar
+        acc, t_pair = result.carry
+        if dir_bar is not None:
+            # Chain (tprev_n, tnext_n) onto the perturbed time inputs.
+            dir_bar = dir_bar + dtimes[:, :, n] @ t_pair
+        return result.y0_bar.ω, (acc, dir_bar), ts_bar
 
     acc0 = jtu.tree_map(jnp.zeros_like, (diff_args, diff_terms))
+    dir0 = None if dtimes is None else jnp.zeros(dtimes.shape[0], dtimes.dtype)
+    acc0 = (acc0, dir0)
 
     def cond(carry):
         return carry[0] >= 0
@@ -300,11 +339,11 @@ def reverse_sweep(
         return n - 1, lam, acc, ts_bar
 
     if checkpoints.budget is None:
-        _, lam, (args_bar, terms_bar), ts_bar = lax.while_loop(
+        _, lam, ((args_bar, terms_bar), dir_bar), ts_bar = lax.while_loop(
             cond, body, (jnp.asarray(num_steps) - 1, lam, acc0, ts_bar)
         )
     else:
-        (lam, (args_bar, terms_bar), ts_bar), _ = _budget_sweep(
+        (lam, ((args_bar, terms_bar), dir_bar), ts_bar), _ = _budget_sweep(
             checkpoints.budget,
             checkpoints.state(0),
             jnp.asarray(num_steps),
@@ -320,34 +359,7 @@ def reverse_sweep(
         first = 1 if t0_slot else 0
         copies = jtu.tree_map(lambda b: jnp.sum(b[first : first + len(ts)], axis=0), ybar)
         lam = _tree_where(t0_equals_t1, _tree_add(lam, copies), lam)
-    return lam, args_bar, terms_bar, (ts_bar if need_ts_bar else None)
-
-
-def _binomial_split(length: Any, free: Any) -> Any:
-    """Offset ``m`` in ``[1, length-1]`` at which to store a state, for ``length >= 2``
-    steps and ``free >= 1`` free slots (revolve's choice; see the module docstring).
-
-    With ``s = free + 1`` and ``beta(s, r) = C(s + r, s)``, ``r`` is the least integer
-    with ``beta(s, r) >= length`` and ``m = min(beta(s, r-1), length - beta(s-1, r-1))``.
-    Integer arithmetic throughout: ``C(s+r, s) = C(s+r-1, s) (s+r) / r`` and
-    ``C(s+r-2, s-1) = C(s+r-1, s) s / (s+r-1)`` divide exactly.
-    """
-    s = free + 1
-
-    def cond(carry):
-        _, beta = carry
-        return beta < length
-
-    def body(carry):
-        r, beta = carry
-        return r + 1, beta * (s + r + 1) // (r + 1)
-
-    one = jnp.ones_like(length)
-    r, beta = lax.while_loop(cond, body, (jnp.zeros_like(length), one))  # r >= 1 as l >= 2
-    beta_prev = beta * r // (s + r)  # beta(s, r-1)
-    beta_lower = beta_prev * s // (s + r - 1)  # beta(s-1, r-1)
-    m = jnp.minimum(beta_prev, length - beta_lower)
-    return jnp.clip(m, 1, length - 1)
+    return lam, args_bar, terms_bar, (ts_bar if need_ts_bar else None), dir_bar
 
 
 def _budget_sweep(
@@ -394,7 +406,12 @@ def _budget_sweep(
         leaf = length == 1
         tail = (length > 1) & (f == 0)
         split = (length > 1) & (f > 0)
-        m = a + _binomial_split(jnp.maximum(length, 2), jnp.maximum(f, 1))
+        m = a + binomial_split(
+            jnp.maximum(length, 2),
+            jnp.maximum(f, 1),
+            while_loop=lax.while_loop,
+            minimum=jnp.minimum,
+        )
         # The state to rebuild: y_a itself (leaf), y_{b-1} (tail) or y_m (split).
         target = jnp.where(leaf, a, jnp.where(tail, b - 1, m))
         slot_a = jnp.argmax(pos == a)

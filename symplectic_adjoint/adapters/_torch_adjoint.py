@@ -92,9 +92,9 @@ class SymplecticFunction(torch.autograd.Function):
         rec: Recording = ctx.rec
         saved = Checkpoints.unpack(ctx.saved_tensors, ctx.layout)
         evaluator = StageEvaluator(ctx.problem.wfunc.base_func, ctx.params, need_t=rec.need_t)
-        sweep = ReverseSweep(rec, evaluator, grads[-1])
+        sweep = ReverseSweep(rec, saved, evaluator, grads[-1])
         with torch.no_grad():
-            ybar, tbar, pbar = sweep.run(saved, ctx.t_input, need_y0=ctx.needs_input_grad[2])
+            ybar, tbar, pbar = sweep.run(ctx.t_input, need_y0=ctx.needs_input_grad[2])
         stats: SolveStats = ctx.stats
         stats.nfe_backward += evaluator.nfe
         stats.n_vjp += evaluator.n_vjp

@@ -188,6 +188,7 @@ class Checkpoints:
     ``stored[n]`` is ``(y_n, k1_n or None)`` for states/budgets and
     ``((X_1..X_s), (k_1..k_s) or ())`` for stages; ``y_final`` is the state after the
     last step; ``y0`` the initial state when a fixed grid is pulled back (else ``None``).
+    Every tensor has torchdiffeq's flat state shape and y's dtype.
     """
 
     stored: dict[int, tuple]
@@ -196,9 +197,10 @@ class Checkpoints:
     y0: torch.Tensor | None = None
 
     def pack(self) -> tuple[list[torch.Tensor], Any]:
-        """Flatten for ``ctx.save_for_backward`` (each tensor once) and drop the references,
-        so that the tensors live in ``ctx`` only (saved-tensor hooks that offload them
-        really free the originals)."""
+        """Flatten for ``ctx.save_for_backward`` (each tensor once) and the layout that
+        :meth:`unpack` rebuilds the checkpoints from. Nothing else refers to the tensors
+        once the forward returns, so they live in ``ctx`` only (saved-tensor hooks that
+        offload them really free the originals)."""
         tensors: list[torch.Tensor] = []
         index: dict[int, int] = {}
 
@@ -213,9 +215,7 @@ class Checkpoints:
 
         parts = self._parts
         spec = [(n, tuple(tuple(map(put, p)) for p in parts(st))) for n, st in self.stored.items()]
-        layout = (spec, put(self.y_final), put(self.y0), self.stages)
-        self.stored, self.y_final, self.y0 = {}, None, None  # type: ignore[assignment]
-        return tensors, layout
+        return tensors, (spec, put(self.y_final), put(self.y0), self.stages)
 
     def _parts(self, st: tuple) -> tuple[tuple, ...]:
         return st if self.stages else ((st[0], st[1]),)
@@ -531,7 +531,7 @@ def record_solve(
         online=store.online, grid=grid, nfe=rec.nfe, n_rejected=log.n_rejected,
         first_step=log.first_step, newton=newton,
     )  # fmt: skip
-    y_final = log.y_final if steps and log.y_final is not None else y0
+    y_final = log.y_final if log.y_final is not None else y0  # None: no step taken
     checkpoints = Checkpoints(store.stored, y_final, store.stages, y0 if grid else None)
     return (solution if event_t is None else (event_t, solution)), recording, checkpoints
 

@@ -133,12 +133,20 @@ class ReverseSweep:
 
     Arguments:
         rec: the recording of the forward solve.
+        saved: the checkpoints, as unpacked from ``ctx``.
         evaluator: evaluates ``f`` and its VJPs, accumulating the parameter cotangents.
         grad_sol: the cotangent of the solution (leading time axis).
     """
 
-    def __init__(self, rec: Recording, evaluator: StageEvaluator, grad_sol: torch.Tensor) -> None:
+    def __init__(
+        self,
+        rec: Recording,
+        saved: Checkpoints,
+        evaluator: StageEvaluator,
+        grad_sol: torch.Tensor,
+    ) -> None:
         self.rec = rec
+        self.saved = saved
         self.ev = evaluator
         self.gsol = grad_sol
         self.tab = rec.spec.tableau
@@ -150,19 +158,16 @@ class ReverseSweep:
         self.lam: torch.Tensor | None = None  # cotangent of y_{n+1}
         self.k1bar_next: torch.Tensor | None = None  # cotangent of the next step's k_1
         self.k1_next: torch.Tensor | None = None  # value of the next step's k_1
-        self.y_next: Any = None  # y_{n+1} (set from the checkpoints in run)
+        self.y_next: torch.Tensor = saved.y_final  # y_{n+1}
         self.T: Any = None  # time cotangent of t_{n+1} carried from the step after
         self.tbar_out: dict[int, Any] = {}  # output index -> cotangent of its time
         self.node_bar: dict[int, Any] = {}  # fixed-grid node -> cotangent
         self.expect = self.n - 1
         self.replays = 0
 
-    def run(
-        self, saved: Checkpoints, t_input: torch.Tensor, *, need_y0: bool
-    ) -> tuple[Any, Any, list[torch.Tensor]]:
+    def run(self, t_input: torch.Tensor, *, need_y0: bool) -> tuple[Any, Any, list[torch.Tensor]]:
         """``(ybar_0 or None, tbar or None, parameter cotangents)``."""
-        rec = self.rec
-        self.y_next = saved.y_final
+        rec, saved = self.rec, self.saved
         if rec.online is not None:
             schedule = rec.online.schedule(self.n)
         else:

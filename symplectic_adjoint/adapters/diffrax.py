@@ -26,27 +26,28 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax._adjoint import (
-    _inner_loop,
-    _nondiff_solver_controller_state,
-    _only_transpose_ys,
-    _outer_loop,
-)
-from diffrax._heuristics import is_sde
-from diffrax._saveat import SubSaveAt, save_y
 
-from ._jax_implicit import ImplicitKernel, implicit_core_tableau  # HOOK(stiff)
+from ..core.checkpointing import validate_checkpoint
+from ._diffrax_compat import (
+    WrapTerm,
+    inner_loop,
+    is_sde,
+    nondiff_solver_controller_state,
+    only_transpose_ys,
+    outer_loop,
+    save_y,
+)
+from ._jax_implicit import ImplicitKernel, implicit_core_tableau
 from ._jax_record import StageKeepingSolver, core_tableau, recording_loops
 from ._jax_reverse import Checkpoints, reverse_sweep
 
 __all__ = ["SymplecticAdjoint"]
 
 _ALTERNATIVE = "use `adjoint=diffrax.RecursiveCheckpointAdjoint()` instead"
-CHECKPOINT_MODES = ("states", "stages")
 
 
 def _is_subsaveat(x: Any) -> bool:
-    return isinstance(x, SubSaveAt)
+    return isinstance(x, diffrax.SubSaveAt)
 
 
 class SymplecticAdjoint(diffrax.AbstractAdjoint):
@@ -62,25 +63,42 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
 
     **Supported:** every explicit Runge--Kutta solver of diffrax (`Euler`, `Heun`,
     `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, and user subclasses of
-    `AbstractERK`); `ConstantStepSize`, `StepTo` and `PIDController` (with
-    `step_ts`/`jump_ts`); `SaveAt(t0=..., t1=..., ts=..., steps=...)` with a single
-    `SubSaveAt` and the default `fn`; `jax.jit`, `jax.vmap` on either side of `jax.grad`.
+    `AbstractERK`); every term diffrax solves as an ODE or CDE: `ODETerm`, `ControlTerm`
+    over any `AbstractPath` (e.g. `CubicInterpolation`, `LinearInterpolation`, with a
+    `lineax` operator such as `DiagonalLinearOperator`), `MultiTerm` of them;
+    `ConstantStepSize`, `StepTo` and `PIDController` (with `step_ts`/`jump_ts`, with or
+    without `dt0`); `SaveAt(t0=..., t1=..., ts=..., steps=...)` with a single `SubSaveAt`
+    and the default `fn`; `jax.jit`, `jax.vmap` on either side of `jax.grad`.
 
     **Gradients** with respect to `y0`, `args` (any PyTree), the inexact arrays inside
-    `terms` (e.g. the parameters of an `eqx.Module` vector field) and the output times
-    `SaveAt(ts=...)`. Not with respect to `t0`, `t1`, `dt0` or `StepTo(ts=...)` (the
-    step grid): differentiating those raises an error at trace time, as with
-    `BacksolveAdjoint`; use `RecursiveCheckpointAdjoint` for them. Values closed over by
-    the vector field (rather than passed in `args` or held by the term) cannot be
-    differentiated either (JAX raises `CustomVJPException`).
+    `terms` (the parameters of an `eqx.Module` vector field, and a control path's data:
+    each stage's VJP differentiates `term.contr`), the output times `SaveAt(ts=...)`,
+    and the times the step grid is built from: `t0`, `t1`, `dt0`, `StepTo(ts=...)` and
+    the controller's arrays (e.g. `jump_ts`), exactly as `RecursiveCheckpointAdjoint`
+    gives them for the same accepted steps. For those, the forward pass pushes one
+    forward-mode tangent per differentiated time scalar through diffrax's own
+    controller, clipping and jump logic (scalar arithmetic; the solver's outputs are
+    detached so no state tangent is computed) and records each step's
+    `d(t_n, t_{n+1})/d(times)`; the reverse pass takes each step's end-time cotangents
+    from the stage VJPs (stage times and control) and the output interpolants. Values
+    closed over by the vector field (rather than passed in `args` or held by the term,
+    as in the `WeaklyDiagonalControlTerm` shim of diffrax 0.7) cannot be differentiated
+    (JAX raises `CustomVJPException`), nor a `solver_state`/`controller_state` passed to
+    `diffeqsolve`.
 
-    **Implicit** (`ImplicitEuler`, `Kvaerno3/4/5`) and IMEX (`KenCarp3/4/5`) solvers with
-    `checkpoint="states"`/`"stages"`: transposed stage solves by `linear_solver` (a lineax
-    solver; dense LU by default), see `adapters/_jax_implicit.py`.
+    **Implicit** (`ImplicitEuler`, `Kvaerno3/4/5`) and IMEX (`KenCarp3/4/5` on
+    `MultiTerm(explicit, implicit)`) solvers with `checkpoint="states"`/`"stages"`: the
+    exact adjoint of the stage equations as solved (implicit function theorem), one
+    transposed solve ``(I - gamma J_i)^T kbar_i = rhs`` per implicit stage by
+    `linear_solver` (a lineax solver; dense LU by default, `lineax.GMRES` matrix-free).
+    Their grid times (`t0`, `t1`, `dt0`, `StepTo(ts=...)`) and checkpoint budgets are not
+    differentiated/supported yet and raise at trace time.
 
-    **Refused** at trace time, naming the alternative: other implicit/IMEX solvers, SDE solvers,
-    `HalfSolver` and other wrapped solvers, events, `SaveAt(dense=True)`,
-    `SaveAt(fn=...)`, `SaveAt(subs=...)` and `max_steps=None`.
+    **Refused** at trace time, naming the alternative (`RecursiveCheckpointAdjoint`):
+    other implicit/IMEX solvers, SDE solvers, `HalfSolver` and other wrapped solvers,
+    events, `SaveAt(dense=True)`, `SaveAt(fn=...)`, `SaveAt(subs=...)` and
+    `max_steps=None`. Only diffrax 0.7.2 is supported (its internals are used): another
+    version raises `ImportError` at import.
 
     **Checkpoint modes** (the same values as the PyTorch adapter's `checkpoint`; ``N``
     accepted steps, ``s`` stages, ``|y|`` the state size):
@@ -118,16 +136,11 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     """
 
     checkpoint: Literal["states", "stages"] | int = eqx.field(default="states", static=True)
-    # HOOK(stiff): lineax solver of the transposed stage systems (None: dense LU).
+    # The lineax solver of the transposed stage systems of implicit solvers (None: dense LU).
     linear_solver: Any = eqx.field(default=None, static=True)
 
     def __check_init__(self):
-        if not _valid_checkpoint(self.checkpoint):
-            raise ValueError(
-                f"SymplecticAdjoint(checkpoint={self.checkpoint!r}): use 'states' (one state "
-                "per step, the default), 'stages' (states and stage values: faster, more "
-                "memory) or a budget (an int >= 1) of states."
-            )
+        validate_checkpoint(self.checkpoint, where="SymplecticAdjoint(checkpoint=...)")
 
     def loop(
         self,
@@ -151,33 +164,72 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         tableau = _check(
             terms=terms, solver=solver, event=event, saveat=saveat, max_steps=max_steps
         )
-        _implicit_kernel(self, tableau, solver)  # HOOK(stiff): refuse what it cannot do now
-        init_state = _nondiff_solver_controller_state(
+        _implicit_kernel(self, tableau, solver, terms)  # refuses what it cannot do
+        controller_state = init_state.controller_state
+        init_state = nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
+        if not passed_controller_state:
+            # Built by diffeqsolve from t0, t1, dt0 (e.g. ConstantStepSize keeps t0, t1):
+            # differentiated like RecursiveCheckpointAdjoint does.
+            init_state = eqx.tree_at(
+                lambda s: s.controller_state, init_state, controller_state, is_leaf=_is_none
+            )
+        # Everything the step grid is computed from travels in the differentiated argument.
+        times = _Times(
+            t0=t0,
+            t1=t1,
+            dt0=dt0,
+            tprev=init_state.tprev,
+            tnext=init_state.tnext,
+            controller_state=init_state.controller_state,
+            controller=stepsize_controller,
+        )
         y = init_state.y
-        init_state = eqx.tree_at(lambda s: s.y, init_state, object())
+        init_state = eqx.tree_at(
+            lambda s: (s.y, s.tprev, s.tnext, s.controller_state),
+            init_state,
+            (_HOLE, _HOLE, _HOLE, _HOLE),
+            is_leaf=_is_none,
+        )
         ts = saveat.subs.ts
         if ts is not None:
             # The output times travel in the differentiated argument; the rest of `saveat`
             # is static configuration.
             saveat = eqx.tree_at(lambda s: s.subs.ts, saveat, None)
         final_state, aux_stats = _loop_symplectic(
-            (y, args, terms, ts),
+            (y, args, terms, ts, times),
             self=self,
             tableau=tableau,
             solver=solver,
-            stepsize_controller=stepsize_controller,
             saveat=saveat,
-            t0=t0,
-            t1=t1,
-            dt0=dt0,
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
             event=None,
         )
-        return _only_transpose_ys(final_state), aux_stats
+        return only_transpose_ys(final_state), aux_stats
+
+
+class _Times(eqx.Module):
+    """What diffrax computes the step grid from: ``t0``, ``t1``, ``dt0``, the first
+    step's ends, the controller's state (e.g. ``ConstantStepSize`` keeps ``t0``, ``t1``)
+    and the controller itself (e.g. ``StepTo(ts=...)``)."""
+
+    t0: Any
+    t1: Any
+    dt0: Any
+    tprev: Any
+    tnext: Any
+    controller_state: Any
+    controller: Any
+
+
+_HOLE = object()  # placeholder for a field of the initial state passed separately
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
 
 
 SymplecticAdjoint.__init__.__doc__ = """**Arguments:**
@@ -192,13 +244,22 @@ SymplecticAdjoint.__init__.__doc__ = """**Arguments:**
 """
 
 
-# HOOK(stiff): solvers without stage increments in their dense output.
+# Solvers without stage increments in their dense output.
 _NO_K = (diffrax.Euler, diffrax.ImplicitEuler)
 
 
-def _implicit_kernel(self, tableau, solver):  # HOOK(stiff)
+def _implicit_kernel(self, tableau, solver, terms=None):
+    """The implicit adjoint's kernel for an implicit/IMEX solver (``None`` for explicit
+    ones); refuses at trace time what it cannot differentiate exactly."""
     if not isinstance(solver, diffrax.AbstractImplicitSolver):
         return None
+    if terms is not None and not _ode_terms_only(terms):
+        # The implicit kernel evaluates `contr` outside the differentiated stage function,
+        # so a control path's data would get no gradient: refuse rather than drop it.
+        raise NotImplementedError(
+            "`SymplecticAdjoint` supports implicit/IMEX solvers on `ODETerm`s (or a "
+            f"`MultiTerm` of them) only, not on control terms: {_ALTERNATIVE}."
+        )
     if not isinstance(self.checkpoint, str):
         raise NotImplementedError(
             "`SymplecticAdjoint`: a checkpoint budget is not supported for implicit solvers "
@@ -207,11 +268,12 @@ def _implicit_kernel(self, tableau, solver):  # HOOK(stiff)
     return ImplicitKernel(tableau, solver, self.linear_solver)
 
 
-def _valid_checkpoint(checkpoint: Any) -> bool:
-    if isinstance(checkpoint, str):
-        return checkpoint in CHECKPOINT_MODES
-    # `bool` is an `int`; True/False are not budgets.
-    return isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 1
+def _ode_terms_only(terms: Any) -> bool:
+    if isinstance(terms, WrapTerm):  # diffeqsolve's time-direction wrapper
+        return _ode_terms_only(terms.term)
+    if isinstance(terms, diffrax.MultiTerm):
+        return all(_ode_terms_only(t) for t in terms.terms)
+    return isinstance(terms, diffrax.ODETerm)
 
 
 def _check(*, terms, solver, event, saveat, max_steps):
@@ -245,16 +307,17 @@ def _check(*, terms, solver, event, saveat, max_steps):
             "`SymplecticAdjoint` does not support `SaveAt(fn=...)`; apply the function to "
             f"`sol.ys` after the solve, or {_ALTERNATIVE}."
         )
-    implicit = implicit_core_tableau(solver)  # HOOK(stiff): implicit/IMEX solvers
+    implicit = implicit_core_tableau(solver)  # implicit/IMEX solvers
     return core_tableau(solver) if implicit is None else implicit
 
 
 # The first argument holds everything differentiated: the initial state, `args`, the
-# terms (the parameters of the vector field) and the `SaveAt(ts=...)` output times.
+# terms (the parameters of the vector field and the control's data), the `SaveAt(ts=...)`
+# output times and the times the step grid is built from (`_Times`).
 @eqx.filter_custom_vjp
-def _loop_symplectic(y__args__terms__ts, *, self, tableau, solver, saveat, init_state, **kwargs):
+def _loop_symplectic(diff, *, self, tableau, solver, saveat, init_state, **kwargs):
     final_state, aux_stats, _ = _forward(
-        y__args__terms__ts,
+        diff,
         self=self,
         solver=solver,
         saveat=saveat,
@@ -265,20 +328,27 @@ def _loop_symplectic(y__args__terms__ts, *, self, tableau, solver, saveat, init_
     return final_state, aux_stats
 
 
-def _forward(y__args__terms__ts, *, self, solver, saveat, init_state, record, max_steps, **kwargs):
-    y, args, terms, ts = y__args__terms__ts
-    init_state = eqx.tree_at(lambda s: s.y, init_state, y)
+def _forward(diff, *, self, solver, saveat, init_state, record, max_steps, detach=False, **kwargs):
+    y, args, terms, ts, times = diff
+    init_state = eqx.tree_at(
+        lambda s: (s.y, s.tprev, s.tnext, s.controller_state),
+        init_state,
+        (y, times.tprev, times.tnext, times.controller_state),
+        is_leaf=lambda x: x is _HOLE,
+    )
+    kwargs.update(t0=times.t0, t1=times.t1, dt0=times.dt0, stepsize_controller=times.controller)
     if ts is not None:
         saveat = eqx.tree_at(lambda s: s.subs.ts, saveat, ts, is_leaf=lambda x: x is None)
     if not record:
         outer, inner, box = (
-            eqx.Partial(_outer_loop, kind="lax"),
-            eqx.Partial(_inner_loop, kind="lax"),
+            eqx.Partial(outer_loop, kind="lax"),
+            eqx.Partial(inner_loop, kind="lax"),
             None,
         )
     else:
         k_struct = None
-        if self.checkpoint == "stages" and type(solver) not in _NO_K:  # HOOK(stiff)
+        keep_k = self.checkpoint == "stages" and type(solver) not in _NO_K
+        if keep_k:
             # Carry the last accepted step's increments in the solver state.
             _, _, info, _, _ = eqx.filter_eval_shape(
                 solver.step,
@@ -292,13 +362,18 @@ def _forward(y__args__terms__ts, *, self, solver, saveat, init_state, record, ma
             )
             k_struct = info["k"]
             k0 = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), k_struct)
-            solver = StageKeepingSolver(solver)
             init_state = eqx.tree_at(
                 lambda s: s.solver_state,
                 init_state,
                 (init_state.solver_state, k0),
                 is_leaf=lambda x: x is None,
             )
+        if detach and isinstance(solver, diffrax.AbstractRungeKutta):
+            # The stage loop's default kind ("checkpointed") is a custom VJP, which cannot
+            # carry forward-mode tangents; "lax" runs the same stage loop.
+            solver = eqx.tree_at(lambda s: s.scan_kind, solver, "lax", is_leaf=_is_none)
+        if keep_k or detach:
+            solver = StageKeepingSolver(solver, keep_k=keep_k, detach=detach)
         keep_states = isinstance(self.checkpoint, str)
         outer, inner, box = recording_loops(max_steps, k_struct, keep_states)
     final_state, aux_stats = self._loop(
@@ -323,14 +398,62 @@ def _forward(y__args__terms__ts, *, self, solver, saveat, init_state, record, ma
     return final_state, aux_stats, (None if box is None else box[0])
 
 
+def _perturbed_times(times: _Times, perturbed: Any) -> tuple[list, Any, list[int]]:
+    """The leaves of ``times``, their treedef, and the indices of the perturbed ones."""
+    leaves, treedef = jtu.tree_flatten(times)
+    flags = jtu.tree_leaves(perturbed)  # the same structure: one bool per leaf
+    assert len(flags) == len(leaves)
+    return leaves, treedef, [i for i, p in enumerate(flags) if p]
+
+
 @_loop_symplectic.def_fwd
-def _loop_symplectic_fwd(perturbed, y__args__terms__ts, **kwargs):
-    del perturbed
+def _loop_symplectic_fwd(perturbed, diff, **kwargs):
     kwargs.pop("tableau")
-    final_state, aux_stats, record = _forward(y__args__terms__ts, record=True, **kwargs)
+    y, args, terms, ts, times = diff
+    leaves, treedef, which = _perturbed_times(times, perturbed[4])
+    if not which:
+        final_state, aux_stats, record = _forward(diff, record=True, **kwargs)
+        dtimes = None
+    else:
+        # Forward-mode tangents of the recorded step ends with respect to every perturbed
+        # time input (one direction per scalar), through diffrax's own controller, clipping
+        # and jump handling: exactly the map RecursiveCheckpointAdjoint differentiates.
+        # The solver's outputs are detached, so no state tangent is computed.
+        static_box: list = []
+
+        def run(values):
+            new = list(leaves)
+            for i, v in zip(which, values, strict=True):
+                new[i] = v
+            out = _forward(
+                (y, args, terms, ts, jtu.tree_unflatten(treedef, new)),
+                record=True,
+                detach=True,
+                **kwargs,
+            )
+            arrays, static = eqx.partition(out, eqx.is_array)
+            static_box.append(static)
+            return arrays
+
+        values = [leaves[i] for i in which]
+        sizes = [int(jnp.size(v)) for v in values]
+        num_dirs = sum(sizes)
+        eye = jnp.eye(num_dirs, dtype=jnp.result_type(*values))
+        basis, offset = [], 0
+        for v, size in zip(values, sizes, strict=True):
+            basis.append(eye[:, offset : offset + size].reshape(num_dirs, *jnp.shape(v)))
+            offset += size
+
+        def push(direction):
+            out, tangent = jax.jvp(run, (values,), (direction,))
+            rec = tangent[2]
+            return out, jnp.stack([rec.tprev, rec.tnext])
+
+        out, dtimes = jax.vmap(push, in_axes=(0,), out_axes=(None, 0))(basis)
+        final_state, aux_stats, record = eqx.combine(out, static_box[0])
     save_state = final_state.save_state
     ys_struct = jax.eval_shape(lambda: save_state.ys)
-    residuals = (record, final_state.num_accepted_steps, save_state.save_index, ys_struct)
+    residuals = (record, final_state.num_accepted_steps, save_state.save_index, ys_struct, dtimes)
     return (final_state, aux_stats), residuals
 
 
@@ -339,19 +462,17 @@ def _loop_symplectic_bwd(
     residuals,
     grad_final_state__aux_stats,
     perturbed,
-    y__args__terms__ts,
+    diff,
     *,
     self,
     tableau,
     solver,
     saveat,
-    t0,
-    t1,
     **kwargs,
 ):
     del kwargs
-    record, num_steps, final_save_index, ys_struct = residuals
-    y, args, terms, ts = y__args__terms__ts
+    record, num_steps, final_save_index, ys_struct, dtimes = residuals
+    y, args, terms, ts, times = diff
     grad_final_state, _ = grad_final_state__aux_stats
     ybar = grad_final_state.save_state.ys
     sub = saveat.subs
@@ -370,10 +491,10 @@ def _loop_symplectic_bwd(
         t1_slot = (final_save_index - 1, pred)
     else:
         t1_slot = None
-    y_bar, args_bar, terms_bar, ts_bar = reverse_sweep(
+    y_bar, args_bar, terms_bar, ts_bar, dir_bar = reverse_sweep(
         tableau=tableau,
         interpolation_cls=solver.interpolation_cls,
-        has_k=type(solver) not in _NO_K,  # HOOK(stiff)
+        has_k=type(solver) not in _NO_K,
         terms=terms,
         args=args,
         checkpoints=Checkpoints(
@@ -386,7 +507,17 @@ def _loop_symplectic_bwd(
         ts=ts,
         need_ts_bar=ts is not None and bool(perturbed[3]),
         steps=steps,
-        t0_equals_t1=t0 == t1,
-        implicit=_implicit_kernel(self, tableau, solver),  # HOOK(stiff)
+        t0_equals_t1=times.t0 == times.t1,
+        dtimes=dtimes,
+        implicit=_implicit_kernel(self, tableau, solver),
     )
-    return y_bar, args_bar, terms_bar, ts_bar
+    # Cotangents of the perturbed time inputs, from those of the directions.
+    leaves, treedef, which = _perturbed_times(times, perturbed[4])
+    bars: list = [None] * len(leaves)
+    offset = 0
+    for i in which:
+        size = int(jnp.size(leaves[i]))
+        bars[i] = dir_bar[offset : offset + size].reshape(jnp.shape(leaves[i]))
+        offset += size
+    times_bar = jtu.tree_unflatten(treedef, bars)
+    return y_bar, args_bar, terms_bar, ts_bar, times_bar

@@ -1,114 +1,214 @@
-"""``python -m symplectic_adjoint bench``: sweep steps and solvers over every peer.
+"""``python -m symplectic_adjoint bench``: sweep step counts over every peer.
 
 PyTorch: torchdiffeq backprop, torchdiffeq ``odeint_adjoint``, ours (``"states"``,
 ``"stages"``, a budget of ``c`` states). JAX: diffrax ``RecursiveCheckpointAdjoint``
-(default and ``checkpoints=N``), ``BacksolveAdjoint``, ``DirectAdjoint``, ours. Columns:
-peak memory (DESIGN.md section 5), median time per gradient, ratios to the backend's
-reference, gradient error against the exact reference in float32 and float64.
+(``checkpoints=N``, the backprop reference, and the default), ``BacksolveAdjoint``,
+``DirectAdjoint``, ours. Columns: peak memory (DESIGN.md section 5), median time per
+gradient, ratios to backprop, gradient error against backprop in float32 and float64.
 
-Writes ``results.md`` (Markdown tables), ``results.json`` and one PNG per backend
-(memory and time versus N) to ``--out``. ``--quick`` runs tiny sizes (a CI smoke test).
+Writes ``results.md`` and ``results.json`` to ``--out`` as soon as each backend is
+measured, then one PNG per backend (memory and time versus N) when matplotlib is
+installed: a missing plotting library never costs the measurements.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from . import report
+from ..demo import extras
+from ..demo.progress import Progress, choose_mode
+from . import protocol, report
 
-_REFERENCE = {"torch": "backprop", "jax": "RecursiveCheckpoint(N)"}
+PROG = "python -m symplectic_adjoint bench"
 
-
-def _progress(enabled: bool):
-    """A one-line progress printer: a tqdm bar's description when on a TTY."""
-    if not enabled:
-        return None, lambda: None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the demo extra
-        return (lambda msg: print(msg, file=sys.stderr, flush=True)), lambda: None
-    bar = tqdm(desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True)
-
-    def tick(msg: str) -> None:
-        bar.set_description(msg)
-        bar.update(1)
-
-    return tick, bar.close
+#: Printed under each backend's table: what "backprop" is there.
+REFERENCE_NOTE = {
+    "torch": "backprop = torchdiffeq.odeint (reverse mode through every stage of every step)",
+    "jax": "backprop = diffrax.RecursiveCheckpointAdjoint(checkpoints=N) (reverse mode "
+    "through the solver loop, one checkpoint per step; diffrax's reference gradient)",
+}
 
 
-def _available(backend: str) -> bool:
-    need = {"torch": ("torch", "torchdiffeq"), "jax": ("jax", "diffrax", "equinox")}[backend]
-    return all(importlib.util.find_spec(m) is not None for m in need)
+def _steps(values: Sequence[int]) -> str:
+    return " ".join(map(str, values))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m symplectic_adjoint bench",
-                                     description=__doc__.split("\n\n")[0])  # fmt: skip
-    parser.add_argument("--backend", choices=["torch", "jax", "all"], default="all")
-    parser.add_argument("--steps", type=int, nargs="+", help="step counts N to sweep")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs (median, >= 5)")
-    parser.add_argument("--budget", type=int, nargs="*", default=[10],
-                        help="checkpoint budgets c to include (states kept)")  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--width", type=int, help="torch MLP width (default: the protocol's)")
-    parser.add_argument("--batch", type=int, help="torch batch (default: the protocol's)")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--no-progress", action="store_true")
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = protocol
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Measure the symplectic adjoint against its peers (torchdiffeq, diffrax): "
+        "peak memory, median time per gradient and gradient error, with backprop as the "
+        "reference. Writes results.md, results.json and one plot per backend.",
+        epilog=f"Problems: torch, an MLP 16-{p.TORCH_WIDTH}-{p.TORCH_WIDTH}-16 (tanh) on a batch "
+        f"of {p.TORCH_BATCH}, rk4 on [0, 1] plus one dopri5 case (tol 1e-6, [0, 10]); jax, "
+        f"Tsit5 on y {p.JAX_BATCH}x{p.JAX_DIM} with an MLP of width {p.JAX_WIDTH}. --quick "
+        "takes about 10 s (torch) and 20-45 s (jax) on a 2-core machine.",
+    )
+    add = parser.add_argument
+    add(
+        "--backend",
+        choices=["torch", "jax", "all"],
+        default="all",
+        help="which adapters to measure; 'all' measures those installed (default: all)",
+    )
+    add(
+        "--ode-steps",
+        dest="steps",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help=f"ODE step counts N to sweep (default: {_steps(p.TORCH_STEPS)} for torch, "
+        f"{_steps(p.JAX_STEPS)} for jax; with --quick {_steps(p.QUICK_TORCH_STEPS)} and "
+        f"{_steps(p.QUICK_JAX_STEPS)})",
+    )
+    add("--steps", dest="steps", type=int, nargs="+", help=argparse.SUPPRESS)  # old name
+    add(
+        "--repeats",
+        type=int,
+        default=p.REPEATS,
+        metavar="R",
+        help=f"timed runs per method, the median is reported; at least 5 "
+        f"(default: {p.REPEATS}; with --quick {p.QUICK_REPEATS})",
+    )
+    add(
+        "--budget",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="C",
+        help="checkpoint budgets c (states kept) to measure besides 'states' and 'stages'; "
+        f"none if given without values (default: {_steps(p.BUDGETS)}; with --quick "
+        f"{_steps(p.QUICK_BUDGETS)})",
+    )
+    add(
+        "--width",
+        type=int,
+        default=p.TORCH_WIDTH,
+        metavar="W",
+        help=f"torch MLP width (default: {p.TORCH_WIDTH})",
+    )
+    add(
+        "--batch",
+        type=int,
+        default=p.TORCH_BATCH,
+        metavar="B",
+        help=f"torch batch size (default: {p.TORCH_BATCH})",
+    )
+    add("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
+    add(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        metavar="DIR",
+        help="output folder (default: bench-out)",
+    )
+    add("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke test in seconds")
+    add(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (by default a bar on a terminal, else a line per run)",
+    )
+    return parser
+
+
+def _backends(choice: str, prog: str) -> list[str]:
+    """The backends to measure; stops with an install hint when a chosen one is missing."""
+    absent = {b: extras.missing(mods) for b, mods in extras.BACKENDS.items()}
+    if choice != "all":
+        other = "jax" if choice == "torch" else "torch"
+        alternative = (
+            f"or measure the {other} adapter, which is installed: {prog} --backend {other}"
+            if not absent[other]
+            else None
+        )
+        extras.require(f"{prog} --backend {choice}", *absent[choice], alternative=alternative)
+        return [choice]
+    present = [b for b, gone in absent.items() if not gone]
+    if not present:
+        raise SystemExit(
+            f"{prog} has nothing to measure: the torch and the jax adapters are not installed "
+            f"({', '.join(absent['torch'] + absent['jax'])} missing). Install either or both:\n"
+            f"    {extras.install_hint(absent['torch'] + absent['jax'])}"
+        )
+    for b in (b for b, gone in absent.items() if gone):
+        print(f"skipping the {b} adapter: {', '.join(absent[b])} not installed; to include it:\n"
+              f"    {extras.install_hint(absent[b])}", file=sys.stderr)  # fmt: skip
+    return present
+
+
+def _measure(backend: str, args: argparse.Namespace, tick: Callable[[str], None]) -> list[dict]:
+    """One backend's rows (imports that backend's bench module)."""
+    p = protocol
+    quick = args.quick
+    repeats = p.QUICK_REPEATS if quick else args.repeats
+    budgets = args.budget if args.budget is not None else (p.QUICK_BUDGETS if quick else p.BUDGETS)
+    if backend == "torch":
+        from .torch_bench import measure
+
+        steps = args.steps or (p.QUICK_TORCH_STEPS if quick else p.TORCH_STEPS)
+        return measure(steps=steps, repeats=repeats, dopri5=True, budgets=budgets,
+                       device=args.device, width=args.width, batch=args.batch,
+                       progress=tick)  # fmt: skip
+    from .jax_bench import measure
+
+    steps = args.steps or (p.QUICK_JAX_STEPS if quick else p.JAX_STEPS)
+    return measure(steps=steps, repeats=repeats, quick=quick, budgets=budgets, progress=tick)
+
+
+def _write(out: Path, tables: list[str], rows: list[dict], meta: dict[str, Any]) -> str:
+    """Write results.md and results.json (what was measured so far); return the Markdown."""
+    kind = "quick" if meta["quick"] else "full"
+    header = f"Benchmark ({kind}), {meta['machine']}, python {platform.python_version()}"
+    text = f"{header}\n\n" + "\n\n".join(tables) + "\n"
+    (out / "results.md").write_text(text)
+    report.write_json(rows, out / "results.json", meta=meta)
+    return text
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.repeats < 5 and not args.quick:
         parser.error("--repeats must be at least 5 (median of >= 5 runs)")
-
-    backends = ["torch", "jax"] if args.backend == "all" else [args.backend]
-    backends = [b for b in backends if _available(b)]
-    if not backends:
-        parser.error("neither torch+torchdiffeq nor jax+diffrax is installed")
-    repeats = 2 if args.quick else args.repeats
-    budgets = [2] if args.quick and args.budget == [10] else args.budget
+    backends = _backends(args.backend, prog)
+    plots = not extras.missing(["matplotlib"])
+    if not plots:
+        print("matplotlib is not installed: writing the tables only, no plots. For the plots:\n"
+              f"    {extras.install_hint(['matplotlib'])}", file=sys.stderr)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    tick, close = _progress(not args.no_progress and sys.stderr.isatty())
-
-    tables, all_rows = [], []
-    try:
-        for backend in backends:
-            if backend == "torch":
-                from .torch_bench import BATCH, WIDTH, measure
-
-                steps = args.steps or ([4, 8] if args.quick else [50, 100, 200])
-                rows = measure(steps=steps, repeats=repeats, dopri5=True,
-                               budgets=budgets, device=args.device,
-                               width=args.width or WIDTH, batch=args.batch or BATCH,
-                               progress=tick)  # fmt: skip
-            else:
-                from .jax_bench import measure
-
-                steps = args.steps or ([4] if args.quick else [50, 100, 200, 400])
-                rows = measure(steps=steps, repeats=repeats, quick=args.quick,
-                               budgets=budgets, progress=tick)  # fmt: skip
-            all_rows += rows
-            ref = _REFERENCE[backend]
-            kind = rows[0]["memory_kind"] if rows else ""
-            table = report.markdown(rows, reference=ref)
-            tables.append(f"### {backend} (memory: {kind})\n\n{table}")
-            report.plot(rows, args.out / f"{backend}.png", title=f"{backend}: memory and time")
-    finally:
-        close()
-
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
-    kind = "quick" if args.quick else "full"
-    header = f"Benchmark ({kind}), {machine}, python {platform.python_version()}"
-    text = f"{header}\n\n" + "\n\n".join(tables) + "\n"
-    (args.out / "results.md").write_text(text)
-    report.write_json(all_rows, args.out / "results.json",
-                      meta=dict(quick=args.quick, machine=machine, repeats=repeats))  # fmt: skip
+    meta = dict(quick=args.quick, machine=machine,
+                repeats=protocol.QUICK_REPEATS if args.quick else args.repeats)  # fmt: skip
+
+    tables: list[str] = []
+    all_rows: list[dict] = []
+    mode = choose_mode(enabled=not args.no_progress)
+    with Progress("bench", mode=mode, every=0, unit="run") as bar:
+        for backend in backends:
+            rows = _measure(backend, args, lambda msg: bar.update(status=msg))
+            all_rows += rows
+            kind = rows[0]["memory_kind"] if rows else ""
+            tables.append(f"### {backend} (memory: {kind})\n\n{report.markdown(rows)}\n\n"
+                          f"{REFERENCE_NOTE[backend]}")  # fmt: skip
+            text = _write(args.out, tables, all_rows, meta)  # saved before anything can fail
     print(text)
-    print(f"wrote {args.out / 'results.md'}, results.json and "
-          + ", ".join(f"{b}.png" for b in backends))  # fmt: skip
+    written = [args.out / "results.md", args.out / "results.json"]
+    for backend in backends if plots else []:
+        path = args.out / f"{backend}.png"
+        try:
+            rows = [r for r in all_rows if r["backend"] == backend]
+            report.plot(rows, path, title=f"{backend}: memory and time")
+        except Exception as error:  # a plot never costs the tables
+            print(f"could not draw {path}: {error!r}", file=sys.stderr)
+        else:
+            written.append(path)
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 

@@ -9,15 +9,15 @@ For each method and ``N`` it reports XLA's ``temp_size_in_bytes`` of the compile
 gradient (``jax.jit(f).lower(*a).compile().memory_analysis()``; identical across runs)
 and the median wall time of the gradient over ``--repeats`` runs after one warm-up
 (``block_until_ready``; the methods take turns, one run each per round), and the
-ratios to ``RecursiveCheckpointAdjoint(checkpoints=N)``.
+ratios to ``RecursiveCheckpointAdjoint(checkpoints=N)`` (diffrax's backprop through the
+solver loop, keeping one checkpoint per step: the reference gradient).
 
-Run ``python -m symplectic_adjoint.bench.jax_bench`` (``--quick``: ``N = 50`` only).
-A benchmark, not a test: it asserts nothing.
+Run ``python -m symplectic_adjoint bench --backend jax``. A benchmark, not a test: it
+asserts nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +29,12 @@ import jax.numpy as jnp
 
 from symplectic_adjoint import SymplecticAdjoint
 
-BATCH, DIM, WIDTH = 256, 32, 128
+from .protocol import BUDGETS, JAX_BATCH, JAX_DIM, JAX_STEPS, JAX_WIDTH, REPEATS
+
+BATCH, DIM, WIDTH = JAX_BATCH, JAX_DIM, JAX_WIDTH
+#: The reference of the ratios: diffrax's backprop through the solver loop, one
+#: checkpoint per step.
+REFERENCE = "backprop: RecursiveCheckpoint(N)"
 
 
 class Field(eqx.Module):
@@ -42,10 +47,11 @@ class Field(eqx.Module):
 
 
 def methods(n: int) -> dict[str, diffrax.AbstractAdjoint]:
+    """Label -> adjoint for ``n`` steps; the first is the reference of the ratios."""
     return {
+        REFERENCE: diffrax.RecursiveCheckpointAdjoint(checkpoints=n),
         "Symplectic (states)": SymplecticAdjoint(),
         "Symplectic (stages)": SymplecticAdjoint(checkpoint="stages"),
-        f"RecursiveCheckpoint(checkpoints={n})": diffrax.RecursiveCheckpointAdjoint(checkpoints=n),
         "RecursiveCheckpoint() default": diffrax.RecursiveCheckpointAdjoint(),
         "Backsolve": diffrax.BacksolveAdjoint(),
         "Direct": diffrax.DirectAdjoint(),
@@ -74,17 +80,19 @@ def make_grad(adjoint: diffrax.AbstractAdjoint, n: int, static) -> Callable:
 
 
 def measure_all(
-    adjoints: dict, n: int, field, y0, repeats: int, *, return_grads: bool = False
-) -> dict[str, tuple] | tuple[dict[str, tuple], dict]:
-    """(temp MiB, median seconds) per method. The timed runs are interleaved (one run of
-    every method per round), so that load from other processes on a shared machine falls
-    on all methods alike."""
+    adjoints: dict, n: int, field, y0, repeats: int, *, progress: Callable[[str], None]
+) -> tuple[dict[str, tuple], dict]:
+    """(temp MiB, median seconds) per method, and each method's gradient. The timed runs
+    are interleaved (one run of every method per round), so that load from other
+    processes on a shared machine falls on all methods alike."""
     params, static = eqx.partition(field, eqx.is_array)
     compiled, temps = {}, {}
     for name, adjoint in adjoints.items():
+        progress(f"jax Tsit5 N={n}: compiling {name}")
         compiled[name] = make_grad(adjoint, n, static).lower(params, y0).compile()
         temps[name] = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
         jax.block_until_ready(compiled[name](params, y0))  # warm-up
+    progress(f"jax Tsit5 N={n}: timing, {repeats} rounds of {len(compiled)} methods")
     times: dict[str, list[float]] = {name: [] for name in adjoints}
     for _ in range(repeats):
         for name, fn in compiled.items():
@@ -92,9 +100,7 @@ def measure_all(
             jax.block_until_ready(fn(params, y0))
             times[name].append(time.perf_counter() - start)
     out = {name: (temps[name], statistics.median(times[name])) for name in adjoints}
-    if return_grads:
-        return out, {name: fn(params, y0) for name, fn in compiled.items()}
-    return out
+    return out, {name: fn(params, y0) for name, fn in compiled.items()}
 
 
 def _relerr(g, ref) -> float:
@@ -114,17 +120,18 @@ def _problem(dtype, *, dim: int = DIM, width: int = WIDTH, batch: int = BATCH):
 
 def measure(
     *,
-    steps=(50, 100, 200, 400),
-    repeats: int = 5,
+    steps=JAX_STEPS,
+    repeats: int = REPEATS,
     quick: bool = False,
-    budgets=(),
+    budgets=BUDGETS,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Rows in :mod:`.report`'s format: XLA temp memory, median time, and the gradient's
-    error against ``RecursiveCheckpointAdjoint(checkpoints=N)`` in float32 and float64."""
+    error against :data:`REFERENCE` in float32 and float64."""
     from .report import add_ratios
 
     jax.config.update("jax_enable_x64", True)  # for the float64 error column only
+    tick = progress or (lambda message: None)
     size = dict(dim=8, width=16, batch=16) if quick else {}
     field32, y32 = _problem(jnp.float32, **size)
     field64, y64 = _problem(jnp.float64, **size)
@@ -138,55 +145,20 @@ def measure(
                 adjoints[f"Symplectic (c={c})"] = SymplecticAdjoint(checkpoint=c)
             except (TypeError, ValueError):
                 pass  # budgets not available in this build
-        if progress:
-            progress(f"jax Tsit5 N={n}: compiling {len(adjoints)} adjoints")
-        results, grads32 = measure_all(adjoints, n, field32, y32, repeats, return_grads=True)
-        ref_name = f"RecursiveCheckpoint(checkpoints={n})"
+        results, grads32 = measure_all(adjoints, n, field32, y32, repeats, progress=tick)
+        tick(f"jax Tsit5 N={n}: float64 gradients for the error column")
         grads64 = _gradients(adjoints, n, field64, y64)
         for name, (mem, sec) in results.items():
             rows.append(dict(
                 backend="jax", case="tsit5", steps=n,
-                method="RecursiveCheckpoint(N)" if name == ref_name else name,
+                method=name,
                 memory_bytes=mem * 2**20, memory_kind="XLA temp_size_in_bytes", time_s=sec,
-                error=_relerr(grads32[name], grads32[ref_name]),
-                error_f64=_relerr(grads64[name], grads64[ref_name]),
+                error=_relerr(grads32[name], grads32[REFERENCE]),
+                error_f64=_relerr(grads64[name], grads64[REFERENCE]),
             ))  # fmt: skip
-    return add_ratios(rows, reference="RecursiveCheckpoint(N)")
+    return add_ratios(rows, reference=REFERENCE)
 
 
 def _gradients(adjoints: dict, n: int, field, y0) -> dict:
     params, static = eqx.partition(field, eqx.is_array)
     return {name: make_grad(adj, n, static)(params, y0) for name, adj in adjoints.items()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N = 50 only")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
-    parser.add_argument("--steps", type=int, nargs="*", default=None, help="values of N")
-    opts = parser.parse_args(argv)
-    ns = opts.steps or ([50] if opts.quick else [50, 100, 200, 400])
-
-    key_mlp, key_y = jax.random.split(jax.random.PRNGKey(0))
-    mlp = eqx.nn.MLP(DIM, DIM, WIDTH, 2, activation=jnp.tanh, key=key_mlp)
-    field = Field(mlp)
-    y0 = 0.5 * jax.random.normal(key_y, (BATCH, DIM), jnp.float32)
-
-    print(f"jax {jax.__version__}, diffrax {diffrax.__version__}, {jax.devices()[0]}; ")
-    print(f"Tsit5, ConstantStepSize, y {BATCH}x{DIM} float32, MLP width {WIDTH}, ")
-    print(f"median of {opts.repeats} runs after warm-up\n")
-    print("| N | method | XLA temp MiB | temp / RCA(N) | time ms | time / RCA(N) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for n in ns:
-        rows = measure_all(methods(n), n, field, y0, opts.repeats)
-        ref_mem, ref_time = rows[f"RecursiveCheckpoint(checkpoints={n})"]
-        for name, (mem, sec) in rows.items():
-            print(
-                f"| {n} | {name} | {mem:.2f} | {mem / ref_mem:.2f} | {1e3 * sec:.1f} "
-                f"| {sec / ref_time:.2f} |",
-                flush=True,
-            )
-
-
-if __name__ == "__main__":
-    main()

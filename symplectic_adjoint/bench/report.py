@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_ratios", "markdown", "write_json", "plot"]
+__all__ = ["add_ratios", "markdown", "plot", "write_json"]
 
 Row = dict[str, Any]
 
@@ -37,11 +37,12 @@ def _fmt_err(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
 
 
-def markdown(rows: Sequence[Row], *, reference: str) -> str:
-    """One Markdown table; ratios are to ``reference`` (named in the header)."""
+def markdown(rows: Sequence[Row]) -> str:
+    """One Markdown table; the ratio columns are to backprop (the rows' ``memory_ratio`` and
+    ``time_ratio``, filled by :func:`add_ratios` against the backend's backprop)."""
     head = (
-        f"| backend | case | N | method | memory (MiB) | memory / {reference} "
-        f"| time / gradient (ms) | time / {reference} | error f32 | error f64 |"
+        "| backend | case | N | method | memory (MiB) | memory / backprop "
+        "| time / gradient (ms) | time / backprop | error f32 | error f64 |"
     )
     lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -58,31 +59,54 @@ def write_json(rows: Sequence[Row], path: Path, *, meta: dict[str, Any]) -> None
     path.write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2, default=str))
 
 
+_PANELS = (("memory_bytes", 2**-20, "peak memory (MiB)"), ("time_s", 1e3, "time per gradient (ms)"))
+
+
 def plot(rows: Sequence[Row], path: Path, *, title: str) -> None:
-    """Memory and time versus N, one line per method, for each case of ``rows``."""
+    """Memory and time for each case of ``rows``: versus N (log-log, one line per method)
+    where a case has several N, one bar per method where it has one (adaptive solves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    cases = sorted({r["case"] for r in rows})
-    fig, axes = plt.subplots(len(cases), 2, figsize=(10, 3.6 * len(cases)), squeeze=False)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(
+        len(cases), 2, figsize=(11, 3.8 * len(cases)), squeeze=False, layout="constrained"
+    )
     for row_axes, case in zip(axes, cases, strict=True):
         sub = [r for r in rows if r["case"] == case]
-        for method in dict.fromkeys(r["method"] for r in sub):
-            pts = sorted((r["steps"], r) for r in sub if r["method"] == method)
-            ns = [n for n, _ in pts]
-            row_axes[0].plot(ns, [r["memory_bytes"] / 2**20 for _, r in pts], "o-", label=method)
-            row_axes[1].plot(ns, [r["time_s"] * 1e3 for _, r in pts], "o-", label=method)
-        for ax, what in zip(row_axes, ("peak memory (MiB)", "time per gradient (ms)"), strict=True):
+        methods = list(dict.fromkeys(r["method"] for r in sub))
+        ns = sorted({r["steps"] for r in sub})
+        for ax, (key, scale, what) in zip(row_axes, _PANELS, strict=True):
+            if len(ns) == 1:  # one N: bars, one per method (lines would sit on one point)
+                values = [next(r[key] for r in sub if r["method"] == m) * scale for m in methods]
+                bars = ax.barh(methods, values, color=[f"C{i}" for i in range(len(methods))])
+                ax.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
+                ax.invert_yaxis()
+                ax.set_xlabel(what)
+                ax.set_title(f"{case}, N = {ns[0]}: {what}")
+                ax.margins(x=0.2)
+                continue
+            for method in methods:
+                pts = sorted((r["steps"], r[key] * scale) for r in sub if r["method"] == method)
+                ax.plot(*zip(*pts, strict=True), "o-", label=method)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(ns)
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("steps N")
             ax.set_ylabel(what)
             ax.set_title(f"{case}: {what}")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
-        row_axes[0].legend(fontsize=8)
+        if len(ns) > 1:
+            row_axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,15 +14,17 @@ MLP needs only 3 steps on ``[0, 1]``). For each case and each method
 * error: ``||g - g_bp|| / ||g_bp||`` against backprop with ``first_step`` pinned to the
   symplectic solve's (the same discrete solve; DESIGN 3.1).
 
-Run: ``python -m symplectic_adjoint.bench.torch_bench [--repeats 7] [--steps 50 100 200]``.
+Run: ``python -m symplectic_adjoint bench --backend torch``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,13 +32,14 @@ import torchdiffeq
 from torch.profiler import ProfilerActivity, profile
 
 from ..adapters.torchdiffeq import SolveStats, odeint
-from .report import add_ratios, markdown
+from .protocol import BUDGETS, REPEATS, TORCH_BATCH, TORCH_STEPS, TORCH_WIDTH
+from .report import add_ratios
 
-__all__ = ["make_field", "measure", "peak_memory", "run", "main"]
+__all__ = ["make_field", "measure", "median_seconds", "peak_memory"]
 
 METHODS = ("backprop", "odeint_adjoint", "symplectic states", "symplectic stages")
 #: The protocol's MLP width and batch (DESIGN.md section 5).
-WIDTH, BATCH = 64, 128
+WIDTH, BATCH = TORCH_WIDTH, TORCH_BATCH
 
 
 def make_field(seed: int = 0, *, width: int = WIDTH) -> torch.nn.Module:
@@ -82,41 +85,71 @@ def _gradient_fn(name: str, field: torch.nn.Module, y0: torch.Tensor, case: dict
     return gradient
 
 
-def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int:
-    """Peak memory of ``fn`` in bytes (DESIGN.md section 5).
+def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak memory of ``fn()`` in bytes, above what was allocated before (DESIGN.md section 5).
 
     CPU: the peak of the running sum of the allocator events recorded by
-    ``torch.profiler`` (byte-reproducible). CUDA: ``torch.cuda.max_memory_allocated``
-    above what was allocated before the call.
+    ``torch.profiler`` with ``profile_memory=True`` (byte-reproducible); the profiler's
+    C++ layer logs to file descriptor 2 meanwhile, which is silenced. CUDA:
+    ``torch.cuda.max_memory_allocated``.
     """
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         out = fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         del out
-        return torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
         out = fn()
     del out
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in p.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
     live = peak = 0
-    for e in events:
-        live += e.nbytes()
+    for _, nbytes in events:
+        live += nbytes
         peak = max(peak, live)
-    return peak
+    return int(peak)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null (the profiler's ``USDT ... profiler_start`` lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def median_seconds(
+    fn: Callable[[], Any], *, repeats: int, warmup: int = 1, device: str | torch.device = "cpu"
+) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls
+    (synchronising a CUDA device around each call)."""
+    cuda = torch.device(device).type == "cuda"
+
+    def timed() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed() for _ in range(repeats))
 
 
 def _relerr(g: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
@@ -150,10 +183,10 @@ def _pinned(case: dict, field: torch.nn.Module, y0: torch.Tensor) -> tuple[dict,
 
 def measure(
     *,
-    steps: Sequence[int] = (50, 100, 200),
-    repeats: int = 7,
+    steps: Sequence[int] = TORCH_STEPS,
+    repeats: int = REPEATS,
     dopri5: bool = True,
-    budgets: Sequence[int] = (10,),
+    budgets: Sequence[int] = BUDGETS,
     device: str = "cpu",
     width: int = WIDTH,
     batch: int = BATCH,
@@ -190,28 +223,8 @@ def measure(
             rows.append(dict(
                 backend="torch", case=case["case"], steps=n, method=name,
                 memory_bytes=peak_memory(fn, device), memory_kind=f"{device} allocator peak",
-                time_s=_median_time(fn, repeats), error=_relerr(fn(), ref32),
+                time_s=median_seconds(fn, repeats=repeats, device=device),
+                error=_relerr(fn(), ref32),
                 error_f64=_relerr(_gradient_fn(name, field64, y64, case64)(), ref64),
             ))  # fmt: skip
     return add_ratios(rows, reference="backprop")
-
-
-def run(*, steps: Sequence[int] = (50, 100, 200), repeats: int = 7, dopri5: bool = True) -> str:
-    """Run every case and method; return the Markdown table."""
-    return markdown(measure(steps=steps, repeats=repeats, dopri5=dopri5), reference="backprop")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per method (>= 5)")
-    parser.add_argument("--no-dopri5", action="store_true", help="skip the dopri5 case")
-    args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error("--repeats must be at least 5 (median of >= 5 runs)")
-    print(run(steps=args.steps, repeats=args.repeats, dopri5=not args.no_dopri5))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,21 +11,17 @@ The trace is computed *exactly* with autograd, one backward pass per dimension (
 loss is then a deterministic function of the batch and can be compared bit-for-bit
 with backprop.
 
-Besides the model, this module holds the measurement helpers of the demo (DESIGN §5):
-peak memory of one training iteration from ``torch.profiler`` allocator events (or
-CUDA's peak counter) and the median wall time of several iterations.
+Public names: the model (:class:`CNF`, :class:`SolveSpec`, :func:`log_prob`,
+:func:`sample`), the gradient check (:func:`gradient_rel_error`) and :func:`run_demo`,
+the demo's torch run. Memory and time are measured with the benchmark's helpers
+(:mod:`symplectic_adjoint.bench.torch_bench`, DESIGN §5).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
-import statistics
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import odeint
-from ._toy2d import (
+from .. import SolveStats, odeint
+from ..bench.torch_bench import median_seconds, peak_memory
+from .progress import Progress
+from .toy2d import (
     DemoConfig,
     MethodRow,
     Report,
@@ -51,8 +49,7 @@ __all__ = [
     "gradient_rel_error",
     "log_prob",
     "loss_and_backward",
-    "median_seconds",
-    "peak_memory_bytes",
+    "run_demo",
     "sample",
 ]
 
@@ -206,8 +203,6 @@ def gradient_rel_error(
     differentiate its initial step selection, DESIGN §3.1). Returns the error and the
     solve spec of the reference.
     """
-    from . import SolveStats
-
     model64 = copy.deepcopy(model).double()
     x64 = x.detach().double()
     stats = SolveStats()
@@ -217,72 +212,6 @@ def gradient_rel_error(
     loss_and_backward(model64, x64, spec=ref_spec, adjoint="backprop")
     ref = flat_grad(model64)
     return float(torch.linalg.vector_norm(grad - ref) / torch.linalg.vector_norm(ref)), ref_spec
-
-
-def peak_memory_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
-    """Peak memory allocated while ``fn()`` runs, above what was allocated before.
-
-    CUDA: the allocator's peak counter. CPU: ``torch.profiler`` with
-    ``profile_memory=True`` records every allocation and free; the peak of their running
-    sum is byte-reproducible (DESIGN §5).
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    with (
-        _stderr_silenced(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-    ):
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return int(peak)
-
-
-@contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null: the profiler's C++ layer logs there."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def median_seconds(
-    fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, device: torch.device
-) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed() for _ in range(repeats))
 
 
 # ------------------------------------------------------------------ the demo's torch run
@@ -307,7 +236,7 @@ def train(cfg: DemoConfig, model: CNF, *, rng: np.random.Generator) -> list[floa
     """Fit ``model`` by maximum likelihood with Adam, differentiating with ``cfg.adjoint``."""
     device = next(model.parameters()).device
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(cfg.train_steps, 1))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(cfg.iterations, 1))
     spec = _spec(cfg)
 
     def step(_: int) -> float:
@@ -318,7 +247,7 @@ def train(cfg: DemoConfig, model: CNF, *, rng: np.random.Generator) -> list[floa
         schedule.step()
         return loss
 
-    return train_loop(step, steps=cfg.train_steps, progress=cfg.progress)
+    return train_loop(step, iterations=cfg.iterations, progress=cfg.progress)
 
 
 @torch.no_grad()
@@ -344,52 +273,70 @@ def grid_logp(model: CNF, resolution: int, *, spec: SolveSpec, chunk: int = 4096
 
 
 def compare_methods(cfg: DemoConfig, model: CNF, x: torch.Tensor) -> list[MethodRow]:
-    """Peak memory and median time of one training iteration for each gradient method."""
+    """Peak memory and median time of one training iteration for each gradient method,
+    backprop (the reference of the ratios) first."""
     device = x.device
     spec = _spec(cfg)
     rows = []
-    for label, (adjoint, checkpoint) in _METHODS.items():
-        method_spec = replace(spec, checkpoint=checkpoint)
+    with Progress("measuring", len(METHODS), mode=cfg.progress, every=0, unit="method") as bar:
+        for label, (adjoint, checkpoint) in METHODS.items():
+            method_spec = replace(spec, checkpoint=checkpoint)
 
-        def iteration(adjoint: str = adjoint, method_spec: SolveSpec = method_spec) -> float:
-            return loss_and_backward(model, x, spec=method_spec, adjoint=adjoint)
+            def iteration(adjoint: str = adjoint, method_spec: SolveSpec = method_spec) -> float:
+                return loss_and_backward(model, x, spec=method_spec, adjoint=adjoint)
 
-        seconds = median_seconds(iteration, repeats=cfg.timing_repeats, device=device)
-        rows.append(
-            MethodRow(
-                name=label,
-                peak_bytes=peak_memory_bytes(iteration, device=device),
-                seconds_per_iter=seconds,
-            )
-        )
+            seconds = median_seconds(iteration, repeats=cfg.timing_repeats, device=device)
+            peak = peak_memory(iteration, device=device)
+            rows.append(MethodRow(name=label, peak_bytes=peak, seconds_per_iter=seconds))
+            bar.update(status=label)
     model.zero_grad(set_to_none=True)
     return rows
 
 
-#: Table label -> (``adjoint=``, ``checkpoint=``) of the measured gradient methods.
-_METHODS = {
+#: Table label -> (``adjoint=``, ``checkpoint=``) of the measured gradient methods; the
+#: first is the reference of the ratios.
+METHODS = {
+    "backprop (torchdiffeq.odeint)": ("backprop", "states"),
     "symplectic, checkpoint='states'": ("symplectic", "states"),
     "symplectic, checkpoint='stages'": ("symplectic", "stages"),
-    "backprop (torchdiffeq.odeint)": ("backprop", "states"),
     "continuous adjoint (odeint_adjoint)": ("adjoint", "states"),
 }
 
+#: What the time column means on the demo's network (printed under the table).
+TIME_NOTE = """\
+time: backprop makes one backward pass through the whole solve; the
+symplectic adjoint makes one autograd call per network evaluation (and
+'states' recomputes the stages). On a network this small the fixed cost
+of each call dominates; larger networks approach the arithmetic's ~1.6x
+('states') and ~1.35x ('stages'), see the README's Results and
+python -m symplectic_adjoint bench --width 512 --batch 512"""
 
-def run_demo(cfg: DemoConfig) -> Report:
-    """Train the flow, check the gradient, measure the methods, save the figure."""
+
+def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> Report:
+    """Train the flow, check the gradient, measure the methods, save the figure.
+
+    ``say`` receives one line as each of the four phases starts.
+    """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)
     model = CNF(hidden=cfg.hidden).to(device=device, dtype=getattr(torch, cfg.dtype))
     spec = _spec(cfg)
 
+    say(f"[1/4] training: {cfg.iterations} iterations of Adam, batch {cfg.batch}")
     train(cfg, model, rng=rng)
     final_nll = mean_nll(model, _batch(cfg, cfg.eval_points, rng, device), spec=spec)
+    say(f"[2/4] gradient check: float64, {cfg.check_batch} points, symplectic vs backprop")
     error, ref_spec = gradient_rel_error(
         model, _batch(cfg, cfg.check_batch, rng, device), spec=spec, adjoint="symplectic"
     )
+    say(
+        f"[3/4] measuring {len(METHODS)} gradient methods: peak memory and median time "
+        f"of {cfg.timing_repeats} training iterations each"
+    )
     rows = compare_methods(cfg, model, _batch(cfg, cfg.batch, rng, device))
 
+    say(f"[4/4] drawing the figure ({cfg.plot_samples} samples, {cfg.grid}x{cfg.grid} grid)")
     generator = torch.Generator().manual_seed(cfg.seed)
     samples = sample(model, cfg.plot_samples, spec=spec, generator=generator).cpu().numpy()
     figure = save_density_figure(
@@ -404,7 +351,7 @@ def run_demo(cfg: DemoConfig) -> Report:
         backend=f"torch {torch.__version__}, {device.type}",
         solver=spec.describe(),
         density=cfg.density,
-        train_steps=cfg.train_steps,
+        iterations=cfg.iterations,
         final_nll=final_nll,
         grad_rel_error=error,
         grad_reference=f"backprop{pinned}",
@@ -415,4 +362,5 @@ def run_demo(cfg: DemoConfig) -> Report:
         ),
         figure=figure,
         rows=rows,
+        notes=[TIME_NOTE],
     )

@@ -1,10 +1,15 @@
-"""Framework-free pieces of the 2-D density demo: data, figure, summary table.
+"""Framework-free pieces of the 2-D density demo: data, figure, configuration, summary.
 
 The continuous normalizing flow of ``python -m symplectic_adjoint demo`` is written twice
-(PyTorch in :mod:`symplectic_adjoint._cnf_torch`, JAX in :mod:`symplectic_adjoint._cnf_jax`);
-everything that does not depend on the framework lives here so that both backends draw
-the same data, draw the same figure and print the same table. Only NumPy is imported at
-module level; matplotlib is imported when a figure is saved.
+(PyTorch in :mod:`symplectic_adjoint.demo.cnf_torch`, JAX in
+:mod:`symplectic_adjoint.demo.cnf_jax`); everything that does not depend on the framework
+lives here so that both backends draw the same data, draw the same figure and print the
+same table. ``examples/cnf_2d.py`` uses the densities and the figure.
+
+Public names: :data:`DENSITIES` and :func:`sample_density` (2-D toy densities),
+:func:`grid_points` and :func:`save_density_figure` (the figure), :class:`DemoConfig`,
+:class:`MethodRow`, :class:`Report` and :func:`format_report` (the demo's run and its
+summary). Only NumPy is imported at module level; matplotlib when a figure is saved.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .progress import Progress
 
 __all__ = [
     "DENSITIES",
@@ -78,20 +85,18 @@ def sample_density(name: str, n: int, *, rng: np.random.Generator) -> np.ndarray
     return sampler(rng, n)
 
 
-def train_loop(step: Callable[[int], float], *, steps: int, progress: bool) -> list[float]:
-    """Call ``step(i)`` (one optimiser update, returning the loss) ``steps`` times.
+def train_loop(step: Callable[[int], float], *, iterations: int, progress: str) -> list[float]:
+    """Call ``step(i)`` (one optimiser update, returning the loss) ``iterations`` times.
 
-    Shows a tqdm bar with the running loss unless ``progress`` is false; returns the
-    losses. Shared by both backends so that they report training the same way.
+    Reports the running loss through :class:`~.progress.Progress` in mode ``progress``
+    (a bar on a terminal, periodic lines in a log); returns the losses. Shared by both
+    backends so that they report training the same way.
     """
-    from tqdm.auto import tqdm
-
     losses: list[float] = []
-    with tqdm(total=steps, desc="training", unit="it", disable=not progress) as bar:
-        for i in range(steps):
+    with Progress("training", iterations, mode=progress) as bar:
+        for i in range(iterations):
             losses.append(step(i))
-            bar.set_postfix(nll=f"{losses[-1]:.3f}", refresh=False)
-            bar.update()
+            bar.update(status=f"nll={losses[-1]:.3f}")
     return losses
 
 
@@ -121,7 +126,8 @@ def save_density_figure(
     import matplotlib.pyplot as plt
 
     extent = (-PLOT_RADIUS, PLOT_RADIUS, -PLOT_RADIUS, PLOT_RADIUS)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    # Constrained layout keeps the figure title clear of the panel titles.
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), layout="constrained")
     axes[0].hist2d(data[:, 0], data[:, 1], bins=100, range=[extent[:2], extent[2:]])
     axes[0].set_title("data")
     axes[1].imshow(np.exp(grid_logp), origin="lower", extent=extent, cmap="viridis")
@@ -133,7 +139,6 @@ def save_density_figure(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -148,7 +153,8 @@ class DemoConfig:
     solver class name in lower case for jax); fixed-step solves use ``ode_steps``
     equal steps on ``[0, 1]``, adaptive torch methods use ``rtol``/``atol``. ``dtype``
     is the training precision (the gradient check always runs in float64). ``quick``
-    marks a smoke-test run: the jax backend then measures three methods instead of four.
+    marks a smoke-test run: the jax backend then measures three methods instead of five.
+    ``progress`` is a :data:`~.progress.MODES` value.
     """
 
     backend: str = "torch"
@@ -159,7 +165,7 @@ class DemoConfig:
     ode_steps: int = 8
     rtol: float = 1e-5
     atol: float = 1e-5
-    train_steps: int = 800
+    iterations: int = 800
     batch: int = 256
     hidden: int = 64
     lr: float = 5e-3
@@ -173,7 +179,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
     out: Path = Path("demo-out")
-    progress: bool = True
+    progress: str = "bar"
 
 
 @dataclass(frozen=True)
@@ -188,18 +194,22 @@ class MethodRow:
 
 @dataclass
 class Report:
-    """Everything the demo prints at the end; the same for both backends."""
+    """Everything the demo prints at the end; the same for both backends.
+
+    ``rows[0]`` is the reference of the ratios: backprop through the solver.
+    """
 
     backend: str
     solver: str
     density: str
-    train_steps: int
+    iterations: int
     final_nll: float
     grad_rel_error: float
     grad_reference: str
     memory_measure: str
     figure: Path
     rows: list[MethodRow] = field(default_factory=list)
+    #: Printed under the table, each prefixed "note: "; may hold several lines.
     notes: list[str] = field(default_factory=list)
 
 
@@ -223,37 +233,45 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def format_report(report: Report) -> str:
     """The demo's closing summary: result lines, then one table row per gradient method.
 
-    Ratios are relative to the first row (the symplectic adjoint). Lines start with
-    fixed labels (``final NLL``, ``gradient rel. error``, ...) that tests look for.
+    Ratios are relative to the first row, backprop, and the table says so in its header
+    (``/ backprop`` after the memory and the time columns) and in the line under it. Lines start
+    with fixed labels (``final NLL``, ``gradient rel. error``, ...) that tests look for.
     """
-    first = report.rows[0] if report.rows else None
+    ref = report.rows[0] if report.rows else None
     body = []
     for row in report.rows:
-        mem_ratio = row.peak_bytes / first.peak_bytes if first and first.peak_bytes else math.nan
-        time_ratio = row.seconds_per_iter / first.seconds_per_iter if first else math.nan
+        mem_ratio = row.peak_bytes / ref.peak_bytes if ref and ref.peak_bytes else math.nan
+        time_ratio = row.seconds_per_iter / ref.seconds_per_iter if ref else math.nan
         body.append(
             [
                 row.name,
                 format_bytes(row.peak_bytes) + row.memory_note,
-                f"{mem_ratio:.2f}x",
+                f"{mem_ratio:.3f}x",
                 f"{1e3 * row.seconds_per_iter:.1f} ms",
                 f"{time_ratio:.2f}x",
             ]
         )
+    header = ["gradient method", "peak memory", "/ backprop", "time/iter", "/ backprop"]
     lines = [
         "",
         "=" * 72,
         f"symplectic-adjoint demo: CNF on '{report.density}' ({report.backend}, {report.solver})",
         "=" * 72,
-        f"training iterations     : {report.train_steps}",
+        f"training iterations     : {report.iterations}",
         f"final NLL (nats/sample) : {report.final_nll:.4f}",
         f"gradient rel. error     : {report.grad_rel_error:.3e}  "
         f"(float64, one batch, vs {report.grad_reference})",
         f"figure                  : {report.figure}",
         f"peak memory measured by : {report.memory_measure}",
         "",
-        *_table(["gradient method", "peak memory", "mem", "time/iter", "time"], body),
-        *(f"note: {note}" for note in report.notes),
+        *_table(header, body),
+        "Ratios are to backprop (first row): below 1.00x a method needs less memory, or",
+        "less time per training iteration, than backprop; above 1.00x, more.",
+        *(
+            ("note: " if i == 0 else "      ") + line
+            for note in report.notes
+            for i, line in enumerate(note.splitlines())
+        ),
         "=" * 72,
     ]
     return "\n".join(lines)

@@ -10,7 +10,12 @@ What it does, in order:
    adjoint is the exact gradient of the discrete solve, not an approximation);
 3. measures peak memory and median time of one training iteration for the symplectic
    adjoint, backprop and the continuous adjoint (DESIGN.md §5);
-4. saves a PNG with the data, the learned density and samples, and prints a summary.
+4. saves a PNG with the data, the learned density and samples, and prints a summary
+   whose table has backprop as the reference of every ratio.
+
+Before any work it checks that the backend's packages and matplotlib are installed and
+otherwise stops with the extra to install. Progress goes to stderr: a bar on a terminal,
+a line every few seconds in a log file.
 
 ``--backend torch`` uses :func:`symplectic_adjoint.odeint` (torchdiffeq);
 ``--backend jax`` the same flow in equinox/diffrax with
@@ -27,9 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-from ._toy2d import DENSITIES, DemoConfig, Report, format_report
+from . import extras
+from .progress import choose_mode
+from .toy2d import DENSITIES, DemoConfig, Report, format_report
 
-__all__ = ["main", "parse_config"]
+__all__ = ["main", "parse_config", "run"]
+
+PROG = "python -m symplectic_adjoint demo"
 
 #: Default ``--solver`` per backend: fixed-step 4th/5th-order methods.
 DEFAULT_SOLVER = {"torch": "rk4", "jax": "tsit5"}
@@ -43,7 +52,7 @@ GRADIENT_TOLERANCE = 1e-10
 QUICK = dict(
     quick=True,
     dtype="float64",
-    train_steps=3,
+    iterations=3,
     ode_steps=4,
     batch=64,
     hidden=16,
@@ -54,12 +63,12 @@ QUICK = dict(
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line. Options default to ``None`` so that :func:`parse_config` can tell
     what was given from what comes from :class:`DemoConfig` (or from ``--quick``)."""
     defaults = DemoConfig()
     p = argparse.ArgumentParser(
-        prog="python -m symplectic_adjoint demo",
+        prog=prog,
         description="Train a 2-D continuous normalizing flow with the symplectic adjoint and "
         "compare its gradient, memory and time with backprop and the continuous adjoint.",
     )
@@ -70,8 +79,13 @@ def _parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         p.add_argument(flag, dest=field, default=None, help=f"{help} {shown}".strip(), **kwargs)
 
-    option("--backend", "backend", choices=("torch", "jax"))
-    option("--density", "density", choices=sorted(DENSITIES))
+    option(
+        "--backend",
+        "backend",
+        "torch: symplectic_adjoint.odeint (torchdiffeq); jax: SymplecticAdjoint (diffrax)",
+        choices=("torch", "jax"),
+    )
+    option("--density", "density", "the 2-D data to fit", choices=sorted(DENSITIES))
     option(
         "--adjoint",
         "adjoint",
@@ -94,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     option("--ode-steps", "ode_steps", "fixed-step grid size on [0, 1]", type=int)
     option("--rtol", "rtol", "adaptive torch methods", type=float)
     option("--atol", "atol", "adaptive torch methods", type=float)
-    option("--steps", "train_steps", "training iterations", type=int)
+    option("--iterations", "iterations", "training iterations", type=int)
     option("--batch", "batch", "training batch size", type=int)
     option("--hidden", "hidden", "MLP width", type=int)
     option("--lr", "lr", "Adam learning rate (cosine-decayed)", type=float)
@@ -104,21 +118,26 @@ def _parser() -> argparse.ArgumentParser:
         "training precision (the gradient check is always float64)",
         choices=("float32", "float64"),
     )
-    option("--seed", "seed", type=int)
+    option("--seed", "seed", "random seed (data, initialisation, samples)", type=int)
     option("--device", "device", "torch device: cpu, cuda, cuda:1, ...")
     option("--out", "out", "output directory", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (by default a bar on a terminal, else periodic lines)",
+    )
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> DemoConfig:
+def parse_config(argv: list[str] | None = None, *, prog: str = PROG) -> DemoConfig:
     """The :class:`DemoConfig` of a command line (``argv`` without the program name).
 
     Options given explicitly win over ``--quick``'s sizes, which win over the defaults.
-    The progress bar is on only when stderr is a terminal and ``--no-progress`` is absent.
+    Progress is a bar when stderr is a terminal, periodic lines otherwise, and off with
+    ``--no-progress``.
     """
-    args = vars(_parser().parse_args(argv))
+    args = vars(_parser(prog).parse_args(argv))
     quick, no_progress = args.pop("quick"), args.pop("no_progress")
     given = {field: value for field, value in args.items() if value is not None}
     base = DemoConfig(**QUICK) if quick else DemoConfig()
@@ -126,29 +145,51 @@ def parse_config(argv: list[str] | None = None) -> DemoConfig:
     return dataclasses.replace(
         base,
         **{"solver": DEFAULT_SOLVER[backend], **given},
-        progress=not no_progress and sys.stderr.isatty(),
+        progress=choose_mode(enabled=not no_progress),
+    )
+
+
+def check_requirements(config: DemoConfig, *, prog: str = PROG) -> None:
+    """Stop (``SystemExit``) with the extra to install if the run of ``config`` cannot work."""
+    backend = config.backend
+    other = "jax" if backend == "torch" else "torch"
+    alternative = None
+    if extras.missing(extras.BACKENDS[backend]) and not extras.missing(
+        [*extras.BACKENDS[other], "matplotlib"]
+    ):
+        alternative = f"or run the {other} version, which is installed: {prog} --backend {other}"
+    extras.require(
+        f"{prog} --backend {backend}",
+        *extras.BACKENDS[backend],
+        "matplotlib",
+        alternative=alternative,
     )
 
 
 def run(config: DemoConfig) -> Report:
-    """Run the demo for ``config`` on its backend and return the report (prints nothing)."""
+    """Run the demo for ``config`` on its backend and return the report.
+
+    Prints one line per phase (stdout) and the progress (stderr), not the summary.
+    """
     if config.backend == "jax":
-        from . import _cnf_jax as backend
+        from . import cnf_jax as backend
     else:
-        from . import _cnf_torch as backend
-    return backend.run_demo(config)
+        from . import cnf_torch as backend
+    return backend.run_demo(config, say=lambda line: print(line, flush=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     """Command-line entry point; returns the exit status (0 on success)."""
-    config = parse_config(argv)
+    config = parse_config(argv, prog=prog)
+    check_requirements(config, prog=prog)
     if config.backend == "torch":
         import torch
 
         torch.set_num_threads(1)  # DESIGN §5: comparable timings on small shared machines
     print(
-        f"Training a CNF on '{config.density}' for {config.train_steps} iterations "
-        f"({config.backend}, {config.solver}, adjoint={config.adjoint!r}) ...",
+        f"Training a CNF on '{config.density}' for {config.iterations} iterations "
+        f"({config.backend}, {config.solver}, adjoint={config.adjoint!r}), then checking "
+        "its gradient and measuring memory and time ...",
         flush=True,
     )
     start = time.perf_counter()

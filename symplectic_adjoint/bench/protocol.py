@@ -1,0 +1,21 @@
+"""The benchmark's problem sizes (DESIGN.md sections 5 and 6), importable without torch or jax.
+
+The command line shows them as defaults; :mod:`.torch_bench` and :mod:`.jax_bench` build
+their problems from them.
+"""
+
+from __future__ import annotations
+
+#: PyTorch: MLP 16 -> WIDTH -> WIDTH -> 16 (tanh), a batch of BATCH states, rk4 with these
+#: step counts on [0, 1], plus one dopri5 case at tolerance 1e-6 on [0, 10].
+TORCH_WIDTH, TORCH_BATCH = 64, 128
+TORCH_STEPS = (50, 100, 200)
+#: JAX: Tsit5 with constant steps, y of shape BATCH x DIM, MLP width WIDTH.
+JAX_BATCH, JAX_DIM, JAX_WIDTH = 256, 32, 128
+JAX_STEPS = (50, 100, 200, 400)
+#: Checkpoint budgets c (states kept) measured besides "states" and "stages".
+BUDGETS = (10,)
+#: Timed runs per method (median); the protocol asks for at least 5.
+REPEATS = 7
+#: ``--quick``: a smoke test in seconds.
+QUICK_TORCH_STEPS, QUICK_JAX_STEPS, QUICK_BUDGETS, QUICK_REPEATS = (4, 8), (4,), (2,), 2
