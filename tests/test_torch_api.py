@@ -151,7 +151,11 @@ def test_tsit5_forward_against_core_step_and_exact_solution():
 
 def test_every_listed_method_runs():
     assert set(METHODS) == {"dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "tsit5",
-                            "euler", "midpoint", "heun2", "heun3", "rk4"}  # fmt: skip
+                            "euler", "midpoint", "heun2", "heun3", "rk4",
+                            # implicit (issue 14; tested in test_torch_implicit.py)
+                            "implicit_euler", "implicit_midpoint", "trapezoid", "sdirk2",
+                            "trbdf2", "gl4", "gl6", "radauIIA3", "radauIIA5", "kvaerno3",
+                            "kvaerno4", "kvaerno5"}  # fmt: skip
 
 
 # ------------------------------------------------------------------ bad input

@@ -18,6 +18,14 @@ import torch
 
 from ..core import ButcherTableau, DenseOutput, get_tableau
 from ..core.interpolants import diffrax_interpolant, torchdiffeq_interpolant
+from ._torch_implicit import (
+    IMPLICIT_ADAPTIVE_METHODS,
+    IMPLICIT_FIXED_METHODS,
+    IMPLICIT_METHODS,
+    IMPLICIT_SOLVERS,
+    implicit_interpolant,
+    implicit_tableau,
+)
 from ._torchdiffeq_compat import (
     TORCHDIFFEQ_SOLVERS,
     RKAdaptiveStepsizeODESolver,
@@ -28,6 +36,7 @@ __all__ = [
     "ADAPTIVE_METHODS",
     "FIXED_METHODS",
     "METHODS",
+    "OWN_METHODS",
     "REFUSED_METHODS",
     "SOLVERS",
     "MethodSpec",
@@ -35,10 +44,15 @@ __all__ = [
     "method_spec",
 ]
 
+#: Explicit adaptive methods (torchdiffeq's and tsit5); the implicit ones are
+#: :data:`~._torch_implicit.IMPLICIT_ADAPTIVE_METHODS`.
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
+#: Explicit fixed-grid methods; the implicit ones are ``IMPLICIT_FIXED_METHODS``.
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
-#: Every method this adapter integrates (torchdiffeq's Runge--Kutta methods and tsit5).
-METHODS = (*ADAPTIVE_METHODS, *FIXED_METHODS)
+#: Every method this adapter integrates (torchdiffeq's Runge--Kutta methods, tsit5, and the
+#: implicit methods of :mod:`._torch_implicit`: torchdiffeq master's names and kvaerno3/4/5).
+METHODS = (*ADAPTIVE_METHODS, *FIXED_METHODS, *IMPLICIT_FIXED_METHODS,
+           *IMPLICIT_ADAPTIVE_METHODS)  # fmt: skip
 REFUSED_METHODS = {
     "explicit_adams": "a linear multistep method (each step reuses earlier slopes)",
     "implicit_adams": "an implicit linear multistep method (solved by fixed-point iteration)",
@@ -90,7 +104,11 @@ SOLVERS: dict[str, type] = {
     **{name: TORCHDIFFEQ_SOLVERS[name] for name in ADAPTIVE_METHODS if name != "tsit5"},
     "tsit5": Tsit5Solver,
     **{name: TORCHDIFFEQ_SOLVERS[name] for name in FIXED_METHODS},
+    **IMPLICIT_SOLVERS,
 }
+#: Methods whose solver classes are ours (``adjoint="backprop"`` runs them with autograd;
+#: ``torchdiffeq.odeint_adjoint`` cannot run them).
+OWN_METHODS = ("tsit5", *IMPLICIT_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +128,8 @@ class MethodSpec:
             function of ``y_{n+1}``.
         keep_k1: adaptive but not ``fsal_at_y1`` (fehlberg2, adaptive_heun): the carried
             first slope is not a function of ``y_n`` and is kept with each state.
+        implicit: an implicit method (stages by Newton; the adjoint solves transposed
+            systems, :mod:`._torch_implicit`).
     """
 
     method: str
@@ -119,12 +139,19 @@ class MethodSpec:
     cubic: bool
     fsal_at_y1: bool
     keep_k1: bool
+    implicit: bool = False
 
 
 @cache
 def method_spec(method: str, interp: str = "linear") -> MethodSpec:
     """The :class:`MethodSpec` of ``method`` (``interp`` matters for fixed grids only)."""
-    adaptive = method in ADAPTIVE_METHODS
+    adaptive = method in ADAPTIVE_METHODS or method in IMPLICIT_ADAPTIVE_METHODS
+    if method in IMPLICIT_METHODS:  # the carried slope is f(y_n) itself: nothing to keep
+        return MethodSpec(
+            method=method, adaptive=adaptive, tableau=implicit_tableau(method),
+            dense=implicit_interpolant(method, interp), cubic=False, fsal_at_y1=False,
+            keep_k1=False, implicit=True,
+        )  # fmt: skip
     tab = get_tableau("rk38" if method == "rk4" else method)
     tab.validate()
     cubic = not adaptive and interp == "cubic"

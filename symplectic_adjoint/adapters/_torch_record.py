@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..core.checkpointing import OfflineCheckpointer, OnlineCheckpointer
+from ._torch_implicit import fixed_stage_times
 from ._torch_methods import SOLVERS, MethodSpec, method_spec
 from ._torchdiffeq_compat import FixedGridODESolver, Perturb, perturb_time
 
@@ -153,6 +154,9 @@ class Recording:
         grid: the grid constructor, for a fixed grid whose nodes need cotangents.
         nfe, n_rejected, first_step: counts of the forward solve (``first_step`` the
             initial step size of an adaptive solve).
+        newton: an implicit method's Newton solver (:class:`~._torch_implicit.Newton`;
+            options only, no tensors): the reverse pass recomputes stages and solves the
+            transposed systems with it.
     """
 
     spec: MethodSpec
@@ -169,6 +173,7 @@ class Recording:
     nfe: int
     n_rejected: int
     first_step: float | None
+    newton: Any = None
 
     @property
     def stages(self) -> bool:
@@ -541,6 +546,7 @@ def record_solve(
     else:
         solver.finish()
         alpha, perturb = None, bool(solver.perturb)
+    newton = solver.newton if spec.implicit else None
     grid = None
     if need_t and not spec.adaptive and not log.event:
         constructor = solver.grid_constructor
@@ -554,7 +560,7 @@ def record_solve(
         spec=spec, steps=steps, stage_times=stage_times, end_times=end_times, loose=loose,
         n_outputs=len(t), t_dtype=t.dtype, need_t=need_t, checkpoint=problem.checkpoint,
         online=store.online, grid=grid, nfe=rec.nfe, n_rejected=log.n_rejected,
-        first_step=log.first_step,
+        first_step=log.first_step, newton=newton,
     )  # fmt: skip
     y_final = log.y_final if log.y_final is not None else y0  # None: no step taken
     checkpoints = Checkpoints(store.stored, y_final, store.stages, y0 if grid else None)
@@ -612,7 +618,8 @@ def _stage_times(
     perturbed ``prev(t_{n+1})`` where ``alpha_i = 1``; the first slope at ``t_0``
     (first step), ``next(t_n)`` (after a jump) or ``prev(t_n)`` (carried last stage).
     Fixed grid (``fixed_grid.py``): ``t_n + dt c_i`` in the grid's dtype, ``t_{n+1}``
-    for rk4's last stage, cast to y's dtype, perturbed when ``perturb=True``.
+    for rk4's last stage, cast to y's dtype, perturbed when ``perturb=True``; implicit
+    fixed-grid methods: :func:`~._torch_implicit.fixed_stage_times`.
     """
     tab = spec.tableau
     cols = []
@@ -627,6 +634,8 @@ def _stage_times(
                 cols.append(perturb_time(t1s, ydt, Perturb.PREV))
             else:
                 cols.append(t0c + alpha[i - 1] * dtc)
+    elif spec.implicit:  # the times the implicit fixed-grid solver itself computes
+        cols = fixed_stage_times(tab, t0s, dts, t1s, ydt, perturb)
     else:
         start = Perturb.NEXT if perturb else Perturb.NONE
         end = Perturb.PREV if perturb else Perturb.NONE

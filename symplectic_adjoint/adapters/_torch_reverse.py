@@ -37,6 +37,7 @@ import torch
 
 from ..core.checkpointing import execute, store_all_schedule
 from ..core.step import add, lincomb, rk_step_vjp, stage_input, sub
+from ._torch_implicit import implicit_reverse_step
 from ._torch_record import Checkpoints, K1Source, OutputKind, Recording, StepMode
 
 __all__ = ["StageEvaluator", "ReverseSweep"]
@@ -216,9 +217,23 @@ class ReverseSweep:
                 k[i] = self.k1_next if reuse else ev.eval(times[i], Xi)
         return X, k
 
+    def _implicit_stages(self, m: int, y: torch.Tensor) -> tuple[list, list]:
+        """An implicit step's ``(X, k)`` recomputed from ``y_m`` by the forward's own Newton
+        iteration (same times, same step-size tensor: bitwise the forward's stages)."""
+        step = self.steps[m]
+        h = step.dt.to(y.dtype)
+        where = f"in the reverse pass, recomputing step {m} from t={float(step.t0):.17g}"
+        return self.rec.newton.step(self.ev.eval, self.times[m], y, h, None, where)
+
     def _advance(self, m: int, state: tuple) -> tuple:
         """Replay step ``m`` from ``y_m`` with its recorded size (budgets)."""
         y, k1 = state
+        if self.rec.spec.implicit:  # as the forward forms y_{n+1}
+            X, k = self._implicit_stages(m, y)
+            step = self.steps[m]
+            if self.rec.spec.adaptive:  # stiffly accurate: the last stage input
+                return (X[-1], None)
+            return (y + lincomb(None, step.dt.to(y.dtype), self.tab.b, k), None)
         _, k = self._slopes(m, y, k1, replay=True)
         y1 = lincomb(y, self.steps[m].h, self.tab.b, k)
         keep = self._carried(m) and self.rec.spec.keep_k1
@@ -235,6 +250,8 @@ class ReverseSweep:
         need_t = rec.need_t
         if rec.stages:
             X, k = list(state[0]), (list(state[1]) if state[1] else [None] * s)
+        elif rec.spec.implicit:
+            X, k = self._implicit_stages(m, state[0])
         else:
             X, k = self._slopes(m, state[0], state[1], replay=False)
 
@@ -278,11 +295,17 @@ class ReverseSweep:
             xb, tau = ev.vjp(times[i], Xi, kb)
             return xb, tau, carry
 
-        res = rk_step_vjp(
-            tab, vjp, lam, X, h,
-            k=k, k_bar=kbar[:s], y0_bar=y0bar,
-            k1_given=step.k1 is K1Source.FSAL, need_h_bar=need_t, check=False,
-        )  # fmt: skip
+        if rec.spec.implicit:  # transposed stage solves; every k_1 is f(y_n) itself
+            res = implicit_reverse_step(
+                rec.newton, ev.eval, times, vjp, lam, X, h,
+                k=k, k_bar=kbar[:s], y0_bar=y0bar, need_h_bar=need_t,
+            )  # fmt: skip
+        else:
+            res = rk_step_vjp(
+                tab, vjp, lam, X, h,
+                k=k, k_bar=kbar[:s], y0_bar=y0bar,
+                k1_given=step.k1 is K1Source.FSAL, need_h_bar=need_t, check=False,
+            )  # fmt: skip
         self.lam = res.y0_bar
         self.k1bar_next = res.k1_bar
         self.k1_next = k[0]

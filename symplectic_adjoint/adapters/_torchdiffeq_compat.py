@@ -41,6 +41,9 @@ __all__ = [
     "TorchdiffeqTableau",
     "RKAdaptiveStepsizeODESolver",
     "FixedGridODESolver",
+    "RungeKuttaState",
+    "compute_error_ratio",
+    "optimal_step_size",
 ]
 
 #: The torchdiffeq versions whose private names the adapter was verified against.
@@ -66,7 +69,9 @@ from torchdiffeq._impl.misc import (  # type: ignore[import-untyped]  # noqa: E4
     _all_adjoint_callback_names,
     _all_callback_names,
     _check_inputs,
+    _compute_error_ratio,
     _flat_to_shape,
+    _optimal_step_size,
 )
 from torchdiffeq._impl.odeint import (  # type: ignore[import-untyped]  # noqa: E402
     SOLVERS as _SOLVERS,
@@ -74,6 +79,7 @@ from torchdiffeq._impl.odeint import (  # type: ignore[import-untyped]  # noqa: 
 from torchdiffeq._impl.rk_common import (  # type: ignore[import-untyped]  # noqa: E402
     RKAdaptiveStepsizeODESolver,
     _ButcherTableau,
+    _RungeKuttaState,
 )
 from torchdiffeq._impl.solvers import (  # type: ignore[import-untyped]  # noqa: E402
     FixedGridODESolver,
@@ -87,6 +93,13 @@ flat_to_shape = _flat_to_shape
 TORCHDIFFEQ_SOLVERS = _SOLVERS
 #: torchdiffeq's tableau layout: ``alpha`` (nodes without c_1), ``beta``, ``c_sol``, ``c_error``.
 TorchdiffeqTableau = _ButcherTableau
+#: ``_RungeKuttaState(y1, f1, t0, t1, dt, interp_coeff)``, an adaptive solver's state.
+RungeKuttaState = _RungeKuttaState
+#: ``_compute_error_ratio(error, rtol, atol, y0, y1, norm)`` and
+#: ``_optimal_step_size(dt, ratio, safety, ifactor, dfactor, order)``: the step control
+#: the implicit adaptive solvers reuse.
+compute_error_ratio = _compute_error_ratio
+optimal_step_size = _optimal_step_size
 CALLBACK_NAMES = tuple(_all_callback_names)
 ADJOINT_CALLBACK_NAMES = tuple(_all_adjoint_callback_names)
 

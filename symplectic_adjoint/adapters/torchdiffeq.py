@@ -25,7 +25,7 @@ import torchdiffeq
 
 from ._torch_adjoint import SolveStats, SymplecticFunction
 from ._torch_methods import ADAPTIVE_METHODS as ADAPTIVE_METHODS  # re-exported for tests
-from ._torch_methods import FIXED_METHODS, METHODS, REFUSED_METHODS, SOLVERS
+from ._torch_methods import FIXED_METHODS, METHODS, OWN_METHODS, REFUSED_METHODS, SOLVERS
 from ._torch_record import Problem
 from ._torchdiffeq_compat import (
     ADJOINT_CALLBACK_NAMES,
@@ -208,10 +208,10 @@ def _check_method(method: str | None, adjoint: str) -> str:
         )
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "tsit5" and adjoint == "adjoint":
+    if method in OWN_METHODS and adjoint == "adjoint":
         raise ValueError(
-            "method 'tsit5' is not a torchdiffeq solver, so torchdiffeq.odeint_adjoint cannot "
-            "run it; use adjoint='symplectic' or 'backprop'"
+            f"method {method!r} is not a torchdiffeq solver (0.2.5), so torchdiffeq.odeint_adjoint "
+            "cannot run it; use adjoint='symplectic' or 'backprop'"
         )
     return method
 
@@ -328,8 +328,8 @@ def _delegate(func, y0, t, *, rtol, atol, method, options, event_fn, adjoint, pa
     if adjoint == "adjoint":
         out = torchdiffeq.odeint_adjoint(counted, y0, t, adjoint_params=params, **kwargs,
                                          **adjoint_kwargs)  # fmt: skip
-    elif method == "tsit5":
-        out = _odeint_tsit5(counted, y0, t, **kwargs)
+    elif method in OWN_METHODS:
+        out = _odeint_own(counted, y0, t, **kwargs)
     else:
         out = torchdiffeq.odeint(counted, y0, t, **kwargs)
     if stats is not None:
@@ -337,8 +337,9 @@ def _delegate(func, y0, t, *, rtol, atol, method, options, event_fn, adjoint, pa
     return out
 
 
-def _odeint_tsit5(func, y0, t, *, rtol, atol, method, options, event_fn):
-    """``torchdiffeq.odeint``'s own steps with the tsit5 solver class (plain autograd)."""
+def _odeint_own(func, y0, t, *, rtol, atol, method, options, event_fn):
+    """``torchdiffeq.odeint``'s own steps with our solver class (tsit5, implicit methods),
+    differentiated by plain autograd (through the Newton iterations for implicit ones)."""
     shapes, func, y0, t, rtol, atol, method, options, event_fn, reverse = check_inputs(
         func, y0, t, rtol, atol, method, options, event_fn, SOLVERS
     )

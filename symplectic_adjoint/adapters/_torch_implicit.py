@@ -1,0 +1,737 @@
+"""Implicit Runge--Kutta solvers for the torch adapter (stiff problems), DESIGN.md section 3.4.
+
+Solver classes in torchdiffeq 0.2.5's machinery, under torchdiffeq master's names:
+
+* fixed grid (:class:`ImplicitFixedGridSolver`, a ``FixedGridODESolver``): ``implicit_euler``,
+  ``implicit_midpoint``, ``trapezoid``, ``sdirk2``, ``trbdf2`` (diagonally implicit) and
+  ``gl4``, ``gl6``, ``radauIIA3``, ``radauIIA5`` (fully implicit, one coupled solve);
+  options ``step_size``, ``grid_constructor``, ``perturb``, ``interp`` as the explicit
+  fixed-grid methods;
+* adaptive (:class:`KvaernoSolver`, an ``RKAdaptiveStepsizeODESolver``): ``kvaerno3/4/5``
+  (ESDIRK with an embedded error estimate), torchdiffeq's step-size control and options;
+  outputs by the cubic Hermite interpolant through ``(y_n, k_1)`` and ``(y_{n+1}, k_s)``
+  (diffrax's ``ThirdOrderHermitePolynomialInterpolation`` for Kvaerno), linear in
+  ``(y_n, k)``.
+
+The stage equations are solved by Newton's method (:class:`Newton`) with the Jacobian
+``J = df/dy`` at the current iterate: dense (``torch.func.jacrev``), block-diagonal per
+sample (``per_sample=True``: ``vmap(jacrev)`` over the leading batch dimension) or
+matrix-free GMRES on Jacobian-vector products (``linear_solver="gmres"``). The iteration
+is deterministic, so recomputing a step from ``y_n`` reproduces its stages bitwise.
+
+The adjoint (:class:`TransposedSolves`) supplies the core's
+:func:`~symplectic_adjoint.core.implicit_step.implicit_step_vjp` with the transposed
+solves ``(I - gamma J_i)^T kbar = rhs`` (dense/per-sample: ``J`` by ``jacrev`` at the
+converged stage; GMRES: ``J^T v`` is one VJP) and, for Gauss/Radau, the coupled one.
+
+Stage times follow torchdiffeq: adaptive ``t_n + c_i h`` in ``y``'s dtype with
+``prev(t_{n+1})`` where ``c_i = 1`` and the first slope carried (FSAL: ESDIRK, stiffly
+accurate: ``y_{n+1}`` is the last stage input itself, and the carried slope is
+``f(prev(t_{n+1}), y_{n+1})``, evaluated afresh at the converged state); fixed grid
+``t_n + c_i h`` in the grid's dtype, ``t_{n+1}`` where ``c_i = 1``, perturbed
+(``next``/``prev``) at ``c_i = 0``/``1`` with ``perturb=True`` as the explicit fixed-grid
+solvers (torchdiffeq master always takes ``prev(t_{n+1})`` at ``c_i = 1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..core import ButcherTableau, DenseOutput
+from ..core.dense import hermite
+from ..core.dense import linear as linear_dense
+from ..core.implicit_methods import get_implicit_tableau, is_diagonally_implicit
+from ..core.implicit_step import implicit_step_vjp, validate_implicit
+from ..core.step import StepVJP, lincomb
+from ._torchdiffeq_compat import (
+    FixedGridODESolver,
+    Perturb,
+    RKAdaptiveStepsizeODESolver,
+    RungeKuttaState,
+    TorchdiffeqTableau,
+    compute_error_ratio,
+    optimal_step_size,
+)
+
+__all__ = [
+    "IMPLICIT_FIXED_METHODS",
+    "IMPLICIT_ADAPTIVE_METHODS",
+    "IMPLICIT_METHODS",
+    "IMPLICIT_SOLVERS",
+    "NewtonConvergenceError",
+    "NewtonOptions",
+    "Newton",
+    "TransposedSolves",
+    "ImplicitFixedGridSolver",
+    "KvaernoSolver",
+    "implicit_tableau",
+    "implicit_interpolant",
+    "implicit_reverse_step",
+    "fixed_stage_times",
+    "gmres",
+]
+
+IMPLICIT_FIXED_METHODS = (
+    "implicit_euler", "implicit_midpoint", "trapezoid", "sdirk2", "trbdf2",
+    "gl4", "gl6", "radauIIA3", "radauIIA5",
+)  # fmt: skip
+IMPLICIT_ADAPTIVE_METHODS = ("kvaerno3", "kvaerno4", "kvaerno5")
+IMPLICIT_METHODS = (*IMPLICIT_FIXED_METHODS, *IMPLICIT_ADAPTIVE_METHODS)
+
+#: States (times stages for Gauss/Radau) up to this many entries get a dense Jacobian by
+#: default; larger ones use GMRES (``linear_solver="auto"``).
+DENSE_MAX = 1024
+
+_NEWTON_KEYS = (
+    "newton_rtol", "newton_atol", "max_newton_iters", "max_iters", "linear_solver",
+    "per_sample", "gmres_rtol", "gmres_restart", "gmres_maxiter",
+)  # fmt: skip
+
+
+class NewtonConvergenceError(RuntimeError):
+    """The stage equations of a step were not solved to the Newton tolerance."""
+
+
+def implicit_tableau(method: str) -> ButcherTableau:
+    tab = get_implicit_tableau(method)
+    assert isinstance(tab, ButcherTableau)
+    return tab
+
+
+def implicit_interpolant(method: str, interp: str = "linear") -> DenseOutput:
+    """Dense output inside a step: Hermite (Kvaerno) or linear (fixed grid)."""
+    tab = implicit_tableau(method)
+    if method in IMPLICIT_ADAPTIVE_METHODS:
+        return hermite(tab)
+    if interp != "linear":
+        raise ValueError(
+            f"method {method!r}: interp={interp!r} is not supported for implicit methods "
+            "(torchdiffeq's cubic fit needs f(t_n, y_n), which is no stage here); use 'linear'"
+        )
+    return linear_dense(tab)
+
+
+# ------------------------------------------------------------------------ options
+
+
+@dataclasses.dataclass
+class NewtonOptions:
+    """Newton and linear-solver options (``options=dict(...)`` of ``odeint``).
+
+    Attributes:
+        rtol, atol: the iteration stops when the RMS norm of the update of the stage
+            values, scaled by ``atol + rtol |X|``, is at most 1 (defaults: the solve's
+            ``rtol``/``atol`` divided by 100; ``newton_rtol``/``newton_atol``).
+        max_iters: iterations per stage (or per coupled system) before
+            :class:`NewtonConvergenceError` (``max_newton_iters``; torchdiffeq master's
+            ``max_iters`` is accepted as its alias). Default 20.
+        linear_solver: ``"dense"``, ``"gmres"`` or ``"auto"`` (dense up to
+            :data:`DENSE_MAX` unknowns).
+        per_sample: the field acts on each row of the leading batch dimension separately,
+            so its Jacobian is block diagonal (``vmap(jacrev)``; never a ``(B n)^2`` matrix).
+        gmres_rtol, gmres_restart, gmres_maxiter: GMRES's relative residual, restart length
+            and iteration cap.
+    """
+
+    rtol: float
+    atol: float
+    max_iters: int = 20
+    linear_solver: str = "auto"
+    per_sample: bool = False
+    gmres_rtol: float = 1e-12
+    gmres_restart: int = 40
+    gmres_maxiter: int = 400
+
+    @classmethod
+    def pop(cls, kwargs: dict, rtol: Any, atol: Any) -> NewtonOptions:
+        """Take the Newton options out of a solver's keyword arguments."""
+        got = {k: kwargs.pop(k) for k in _NEWTON_KEYS if k in kwargs}
+
+        def scalar(x: Any, name: str) -> float:
+            if isinstance(x, torch.Tensor):
+                if x.numel() != 1:
+                    raise ValueError(f"{name} must be a scalar for implicit methods")
+                x = x.item()
+            return float(x)
+
+        if "max_iters" in got and "max_newton_iters" in got:
+            raise ValueError("give max_newton_iters or its alias max_iters, not both")
+        opts = cls(
+            rtol=scalar(got.get("newton_rtol", scalar(rtol, "rtol") / 100), "newton_rtol"),
+            atol=scalar(got.get("newton_atol", scalar(atol, "atol") / 100), "newton_atol"),
+            max_iters=int(got.get("max_newton_iters", got.get("max_iters", 20))),
+            linear_solver=got.get("linear_solver", "auto"),
+            per_sample=bool(got.get("per_sample", False)),
+            gmres_rtol=float(got.get("gmres_rtol", 1e-12)),
+            gmres_restart=int(got.get("gmres_restart", 40)),
+            gmres_maxiter=int(got.get("gmres_maxiter", 400)),
+        )
+        if opts.linear_solver not in ("auto", "dense", "gmres"):
+            raise ValueError(
+                f"linear_solver={opts.linear_solver!r}: use 'dense', 'gmres' or 'auto'"
+            )
+        if opts.max_iters < 1:
+            raise ValueError("max_newton_iters must be >= 1")
+        return opts
+
+
+# -------------------------------------------------------------------------- GMRES
+
+
+def gmres(
+    op: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    *,
+    rtol: float,
+    restart: int,
+    maxiter: int,
+) -> torch.Tensor:
+    """Solve ``op(x) = b`` (flat vectors) by restarted GMRES from ``x = 0``.
+
+    Raises :class:`NewtonConvergenceError` when the relative residual ``rtol`` is not
+    reached in ``maxiter`` operator applications.
+    """
+    x = torch.zeros_like(b)
+    bnorm = float(torch.linalg.vector_norm(b))
+    if bnorm == 0.0:
+        return x
+    target = rtol * bnorm
+    used = 0
+    while used < maxiter:
+        r = b - op(x) if used else b
+        beta = torch.linalg.vector_norm(r)
+        if float(beta) <= target:
+            return x
+        V = [r / beta]
+        H = torch.zeros(restart + 1, restart, dtype=b.dtype, device=b.device)
+        y = None
+        for j in range(min(restart, maxiter - used)):
+            w = op(V[j])
+            used += 1
+            for i in range(j + 1):
+                hij = torch.dot(w, V[i])
+                H[i, j] = hij
+                w = w - hij * V[i]
+            hn = torch.linalg.vector_norm(w)
+            H[j + 1, j] = hn
+            e1 = torch.zeros(j + 2, dtype=b.dtype, device=b.device)
+            e1[0] = beta
+            Hj = H[: j + 2, : j + 1]
+            y = torch.linalg.lstsq(Hj, e1.unsqueeze(-1)).solution.squeeze(-1)
+            res = float(torch.linalg.vector_norm(Hj @ y - e1))
+            if res <= target or float(hn) <= 1e-300:
+                break
+            V.append(w / hn)
+        assert y is not None
+        x = x + torch.stack(V[: y.shape[0]], dim=1) @ y
+        if res <= target:
+            return x
+    raise NewtonConvergenceError(
+        f"GMRES did not reach the relative residual {rtol:g} in {maxiter} iterations "
+        "(raise gmres_maxiter, loosen gmres_rtol, or use linear_solver='dense')"
+    )
+
+
+# ------------------------------------------------------------------ linearisation
+
+
+Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Linear:
+    """The field's Jacobian at one point, as the chosen linear solver needs it."""
+
+    def __init__(self, fn: Field, t: torch.Tensor, x: torch.Tensor, opts: NewtonOptions,
+                 mode: str) -> None:  # fmt: skip
+        self.fn, self.t, self.x, self.mode = fn, t, x.detach(), mode
+        self.shape = x.shape
+        self.J: torch.Tensor | None = None
+        self._vjp: Any = None
+        f = lambda z: fn(t, z)  # noqa: E731
+        if mode == "dense":
+            n = x.numel()
+            with torch.no_grad():
+                self.J = torch.func.jacrev(f)(self.x).reshape(n, n)
+        elif mode == "per_sample":
+            B = x.shape[0]
+
+            def single(z: torch.Tensor) -> torch.Tensor:
+                return fn(t, z.unsqueeze(0)).squeeze(0)
+
+            with torch.no_grad():
+                J = torch.func.vmap(torch.func.jacrev(single))(self.x)
+            n = x[0].numel()
+            self.J = J.reshape(B, n, n)
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.func.jvp(lambda z: self.fn(self.t, z), (self.x,), (v.view(self.shape),))[
+                1
+            ].reshape(-1)
+
+    def vjp(self, v: torch.Tensor) -> torch.Tensor:
+        if self._vjp is None:
+            with torch.no_grad():
+                _, self._vjp = torch.func.vjp(lambda z: self.fn(self.t, z), self.x)
+        with torch.no_grad():
+            return self._vjp(v.view(self.shape))[0].reshape(-1)
+
+
+def _identity_minus(blocks: torch.Tensor, scale: Any) -> torch.Tensor:
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    return eye - blocks * scale
+
+
+class Newton:
+    """Newton's method for the stage equations of one implicit tableau.
+
+    Arguments:
+        tableau: a core implicit tableau.
+        opts: :class:`NewtonOptions`.
+        fn: ``fn(t, y)``, the field (no recording); ``t`` a 0-d tensor.
+        unknowns: entries of one state (for ``linear_solver="auto"``).
+    """
+
+    def __init__(self, tableau: ButcherTableau, opts: NewtonOptions, numel: int) -> None:
+        validate_implicit(tableau)
+        self.tableau = tableau
+        self.opts = opts
+        self.diagonal = is_diagonally_implicit(tableau)
+        unknowns = numel if self.diagonal else numel * tableau.stages
+        if opts.linear_solver == "gmres":
+            self.mode = "gmres"
+        elif opts.per_sample:
+            self.mode = "per_sample"
+        elif opts.linear_solver == "dense" or unknowns <= DENSE_MAX:
+            self.mode = "dense"
+        else:
+            self.mode = "gmres"
+        self.iterations = 0  # Newton iterations, all stages, all steps (statistics)
+
+    # ------------------------------------------------------------------ linear algebra
+    def linear(self, fn: Field, t: torch.Tensor, x: torch.Tensor) -> _Linear:
+        return _Linear(fn, t, x, self.opts, self.mode)
+
+    def _gmres(self, op: Callable, b: torch.Tensor) -> torch.Tensor:
+        o = self.opts
+        return gmres(op, b, rtol=o.gmres_rtol, restart=o.gmres_restart, maxiter=o.gmres_maxiter)
+
+    def solve(self, lin: _Linear, gamma: Any, r: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+        """``(I - gamma J) d = r`` (or the transposed system)."""
+        if self.mode == "gmres":
+            prod = lin.vjp if transpose else lin.jvp
+            d = self._gmres(lambda v: v - prod(v) * gamma, r.reshape(-1))
+            return d.view_as(r)
+        assert lin.J is not None
+        M = _identity_minus(lin.J, gamma)
+        if transpose:
+            M = M.mT
+        if self.mode == "dense":
+            return torch.linalg.solve(M, r.reshape(-1, 1)).view_as(r)
+        B = r.shape[0]
+        return torch.linalg.solve(M, r.reshape(B, -1, 1)).view_as(r)
+
+    def coupled(self, lins: Sequence[_Linear], h: Any, r: Sequence[torch.Tensor], *,
+                transpose: bool) -> list[torch.Tensor]:  # fmt: skip
+        """``d_i - h J_i sum_j a_ij d_j = r_i`` (or ``d_i - h sum_j a_ji J_j^T d_j = r_i``)."""
+        a, s = self.tableau.a, self.tableau.stages
+        shape = r[0].shape
+        if self.mode == "gmres":
+            n = r[0].numel()
+
+            def op(v: torch.Tensor) -> torch.Tensor:
+                parts = v.view(s, n)
+                out = []
+                for i in range(s):
+                    if transpose:
+                        acc = sum(lins[j].vjp(parts[j]) * a[j][i] for j in range(s) if a[j][i])
+                    else:
+                        comb = sum(parts[j] * a[i][j] for j in range(s) if a[i][j])
+                        acc = lins[i].jvp(comb) if not isinstance(comb, int) else 0
+                    out.append(parts[i] - acc * h)
+                return torch.cat(out)
+
+            d = self._gmres(op, torch.cat([ri.reshape(-1) for ri in r]))
+            return [di.view(shape) for di in d.view(s, -1)]
+        Js = [lin.J for lin in lins]
+        assert all(J is not None for J in Js)
+        rows = []
+        for i in range(s):
+            row = []
+            for j in range(s):
+                blk = -Js[i] * (a[i][j] * h) if a[i][j] else torch.zeros_like(Js[i])
+                if i == j:
+                    blk = blk + torch.eye(Js[i].shape[-1], dtype=blk.dtype, device=blk.device)
+                row.append(blk)
+            rows.append(torch.cat(row, dim=-1))
+        M = torch.cat(rows, dim=-2)
+        if transpose:
+            M = M.mT
+        if self.mode == "dense":
+            rhs = torch.cat([ri.reshape(-1) for ri in r]).unsqueeze(-1)
+            d = torch.linalg.solve(M, rhs).view(s, -1)
+            return [di.view(shape) for di in d]
+        B = shape[0]
+        rhs = torch.cat([ri.reshape(B, -1) for ri in r], dim=-1).unsqueeze(-1)
+        d = torch.linalg.solve(M, rhs).view(B, s, -1)
+        return [d[:, i].reshape(shape) for i in range(s)]
+
+    # ------------------------------------------------------------------ nonlinear solves
+    def _small(self, dx: torch.Tensor, x: torch.Tensor) -> bool:
+        o = self.opts
+        scale = o.atol + o.rtol * x.detach().abs()
+        return float(torch.sqrt(torch.mean((dx.detach() / scale) ** 2))) <= 1.0
+
+    def _fail(self, where: str, why: str) -> NewtonConvergenceError:
+        return NewtonConvergenceError(
+            f"Newton's method did not converge {where}: {why}. Reduce the step size, raise "
+            "max_newton_iters, or loosen newton_rtol/newton_atol"
+        )
+
+    def stage(self, fn: Field, t: torch.Tensor, base: torch.Tensor, gamma: Any,
+              k: torch.Tensor, where: str) -> torch.Tensor:  # fmt: skip
+        """Solve ``k = fn(t, base + gamma k)`` from the guess ``k``."""
+        for _ in range(self.opts.max_iters):
+            self.iterations += 1
+            x = base + k * gamma
+            r = fn(t, x) - k
+            d = self.solve(self.linear(fn, t, x), gamma, r, transpose=False)
+            k = k + d
+            if not bool(torch.isfinite(d).all()):
+                raise self._fail(where, "the iterate became inf/nan")
+            if self._small(d * gamma, x):
+                return k
+        raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
+
+    def coupled_stages(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
+                       k: list[torch.Tensor], where: str) -> list[torch.Tensor]:  # fmt: skip
+        """Solve ``k_i = fn(t_i, y0 + h sum_j a_ij k_j)`` for all stages at once."""
+        a, s = self.tableau.a, self.tableau.stages
+        for _ in range(self.opts.max_iters):
+            self.iterations += 1
+            X = [lincomb(y0, h, a[i], k) for i in range(s)]
+            r = [fn(times[i], X[i]) - k[i] for i in range(s)]
+            lins = [self.linear(fn, times[i], X[i]) for i in range(s)]
+            d = self.coupled(lins, h, r, transpose=False)
+            k = [ki + di for ki, di in zip(k, d, strict=True)]
+            if not all(bool(torch.isfinite(di).all()) for di in d):
+                raise self._fail(where, "the iterate became inf/nan")
+            dX = [lincomb(None, h, a[i], d) for i in range(s)]
+            if all(self._small(dX[i], X[i]) for i in range(s) if dX[i] is not None):
+                return k
+        raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
+
+    def step(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
+             k1: torch.Tensor | None, where: str) -> tuple[list, list]:  # fmt: skip
+        """One step's stage inputs and slopes ``(X, k)``.
+
+        ``k1``: the first slope when stage 1 is explicit and its slope is known (FSAL).
+        The last stage input of a stiffly accurate tableau is ``y_{n+1}``.
+        """
+        tab, s = self.tableau, self.tableau.stages
+        a = tab.a
+        if not self.diagonal:
+            guess = fn(times[0], y0) if k1 is None else k1
+            k = self.coupled_stages(fn, times, y0, h, [guess] * s, where)
+            return [lincomb(y0, h, a[i], k) for i in range(s)], k
+        X: list[torch.Tensor] = []
+        k = []
+        for i in range(s):
+            base = lincomb(y0, h, a[i][:i], k)
+            gamma = a[i][i]
+            if gamma == 0:
+                Xi = base
+                ki = k1 if (i == 0 and k1 is not None) else fn(times[i], Xi)
+            else:
+                guess = k[-1] if k else fn(times[i], base)
+                ki = self.stage(fn, times[i], base, h * gamma, guess, f"{where}, stage {i + 1}")
+                Xi = base + ki * (h * gamma)
+            X.append(Xi)
+            k.append(ki)
+        return X, k
+
+
+# --------------------------------------------------------------------------- adjoint
+
+
+class TransposedSolves:
+    """The transposed solves of the implicit adjoint for one step (stage times ``times``)."""
+
+    def __init__(self, newton: Newton, fn: Field, times: Sequence[torch.Tensor]) -> None:
+        self.newton, self.fn, self.times = newton, fn, times
+        self.n_linearisations = 0
+
+    def solve_T(self, i: int, Xi: torch.Tensor, gamma: Any, rhs: torch.Tensor) -> torch.Tensor:
+        self.n_linearisations += 1
+        lin = self.newton.linear(self.fn, self.times[i], Xi)
+        return self.newton.solve(lin, gamma, rhs, transpose=True)
+
+    def coupled_solve_T(self, X: Sequence[torch.Tensor], h: Any,
+                        rhs: Sequence[torch.Tensor | None]) -> list:  # fmt: skip
+        self.n_linearisations += len(X)
+        lins = [self.newton.linear(self.fn, self.times[i], X[i]) for i in range(len(X))]
+        r = [torch.zeros_like(X[i]) if v is None else v for i, v in enumerate(rhs)]
+        return self.newton.coupled(lins, h, r, transpose=True)
+
+
+def implicit_reverse_step(
+    newton: Newton,
+    fn: Field,
+    times: Sequence[torch.Tensor],
+    vjp: Any,
+    lam: torch.Tensor | None,
+    X: Sequence[torch.Tensor],
+    h: Any,
+    *,
+    k: Any = None,
+    k_bar: Any = None,
+    y0_bar: torch.Tensor | None = None,
+    need_h_bar: bool = False,
+) -> StepVJP:
+    """The core's :func:`implicit_step_vjp` with this module's transposed solves."""
+    solves = TransposedSolves(newton, fn, times)
+    return implicit_step_vjp(
+        newton.tableau, vjp, lam, X, h,
+        solve_T=solves.solve_T, coupled_solve_T=solves.coupled_solve_T,
+        k=k, k_bar=k_bar, y0_bar=y0_bar, need_h_bar=need_h_bar, check=False,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def _next(x: torch.Tensor) -> torch.Tensor:
+    """One ulp up; differentiable (identity derivative): ``x + (next(x) - x)`` is exact."""
+    d = x.detach()
+    return x + (torch.nextafter(d, d + 1) - d)
+
+
+def _prev(x: torch.Tensor) -> torch.Tensor:
+    d = x.detach()
+    return x + (torch.nextafter(d, d - 1) - d)
+
+
+def fixed_stage_times(
+    tableau: ButcherTableau, t0: Any, dt: Any, t1: Any, ydt: torch.dtype, perturb: bool
+) -> list[torch.Tensor]:
+    """Stage times of a fixed-grid implicit step (elementwise: also for all steps at once)."""
+    out = []
+    for ci in tableau.c:
+        if ci == 0:
+            ti = t0.to(ydt)
+            out.append(_next(ti) if perturb else ti)
+        elif ci == 1:
+            ti = t1.to(ydt)
+            out.append(_prev(ti) if perturb else ti)
+        else:
+            out.append((t0 + dt * ci).to(ydt))
+    return out
+
+
+class _ImplicitMixin:
+    """Stage evaluation and recording shared by both solver kinds."""
+
+    core_tableau: ButcherTableau
+    newton: Newton
+    func: Any
+
+    def _field(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The field, with a recorder's stage capture suspended (Newton's evaluations are
+        not stages); time already perturbed."""
+        calls = getattr(self.func, "calls", None)
+        if calls is None:
+            return self.func(t, y)
+        self.func.calls = None
+        try:
+            return self.func(t, y)
+        finally:
+            self.func.calls = calls
+
+    def _capture(self, X: Sequence[torch.Tensor], k: Sequence[torch.Tensor], first: int) -> None:
+        """Hand the converged stages to a recorder (``checkpoint="stages"``)."""
+        calls = getattr(self.func, "calls", None)
+        if calls is not None:
+            calls.extend(zip(X[first:], k[first:], strict=True))
+
+
+class ImplicitFixedGridSolver(_ImplicitMixin, FixedGridODESolver):
+    """A fixed-grid implicit Runge--Kutta solver (subclassed per method below)."""
+
+    order: int
+    method: str
+
+    def __init__(self, func: Any, y0: torch.Tensor, step_size: Any = None,
+                 grid_constructor: Any = None, interp: str = "linear", perturb: bool = False,
+                 **kwargs: Any) -> None:  # fmt: skip
+        opts = NewtonOptions.pop(kwargs, kwargs.get("rtol", 1e-7), kwargs.get("atol", 1e-9))
+        if interp != "linear":
+            implicit_interpolant(self.method, interp)  # raises
+        super().__init__(func, y0, step_size=step_size, grid_constructor=grid_constructor,
+                         interp=interp, perturb=perturb, **kwargs)  # fmt: skip
+        self.core_tableau = implicit_tableau(self.method)
+        self.newton = Newton(self.core_tableau, opts, y0.numel())
+
+    def step_stages(self, fn: Field, t0: Any, dt: Any, t1: Any, y0: torch.Tensor) -> tuple:
+        """``(X, k, h)`` of the step from ``t0``: the same computation forward and reverse."""
+        t0, dt, t1 = (torch.as_tensor(v, device=y0.device) for v in (t0, dt, t1))
+        times = fixed_stage_times(self.core_tableau, t0, dt, t1, y0.dtype, bool(self.perturb))
+        h = dt.to(y0.dtype)
+        where = f"in the step from t={float(t0.detach()):.17g} to t={float(t1.detach()):.17g}"
+        X, k = self.newton.step(fn, times, y0, h, None, where)
+        return X, k, h
+
+    def _step_func(self, func, t0, dt, t1, y0):
+        X, k, h = self.step_stages(self._field, t0, dt, t1, y0)
+        self._capture(X, k, 0)
+        dy = lincomb(None, h, self.core_tableau.b, k)
+        return dy, None
+
+
+class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
+    """Kvaerno's ESDIRK 3(2)/4(3)/5(4) in torchdiffeq's adaptive machinery.
+
+    Step-size control, ``first_step``/``step_t``/``jump_t``/``min_step``/``max_step``/
+    ``safety``/``ifactor``/``dfactor``/``max_num_steps``/``norm`` are torchdiffeq's
+    (``_select_initial_step``, ``_compute_error_ratio``, ``_optimal_step_size``). A step
+    whose Newton iteration fails is rejected and retried at a quarter of its size (as
+    diffrax does); :class:`NewtonConvergenceError` is raised when that drives the step
+    below ``min_step`` or under the resolution of ``t``.
+    """
+
+    method: str
+
+    def __init__(self, func: Any, y0: torch.Tensor, rtol: Any, atol: Any, **kwargs: Any) -> None:
+        opts = NewtonOptions.pop(kwargs, rtol, atol)
+        super().__init__(func, y0, rtol, atol, **kwargs)
+        self.core_tableau = implicit_tableau(self.method)
+        self.newton = Newton(self.core_tableau, opts, y0.numel())
+        self._dense_w = torch.tensor(hermite(self.core_tableau).W, dtype=y0.dtype,
+                                     device=y0.device)  # fmt: skip
+
+    def stage_times(self, t0: torch.Tensor, dt: torch.Tensor, t1: torch.Tensor,
+                    ydt: torch.dtype, first: torch.Tensor) -> list[torch.Tensor]:  # fmt: skip
+        t0c, dtc, t1c = t0.to(ydt), dt.to(ydt), t1.to(ydt)
+        alpha = self.tableau.alpha
+        out = [first]
+        for i in range(1, self.core_tableau.stages):
+            out.append(_prev(t1c) if self.core_tableau.c[i] == 1 else t0c + alpha[i - 1] * dtc)
+        return out
+
+    def step_stages(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor,
+                    h: torch.Tensor, k1: torch.Tensor | None) -> tuple:  # fmt: skip
+        where = (
+            f"in the step from t={float(times[0].detach()):.17g} of size {float(h.detach()):.17g}"
+        )
+        return self.newton.step(fn, times, y0, h, k1, where)
+
+    def _adaptive_step(self, rk_state):
+        y0, f0, _, t0, dt, interp_coeff = rk_state
+        if not torch.isfinite(dt):
+            dt = self.min_step
+        dt = dt.clamp(self.min_step, self.max_step)
+        self.func.callback_step(t0, y0, dt)
+        t1 = t0 + dt
+        assert t0 + dt > t0, f"underflow in dt {dt.item()}"
+        assert torch.isfinite(y0).all(), f"non-finite values in state `y`: {y0}"
+        on_step_t = on_jump_t = False
+        if len(self.step_t):
+            nxt = self.step_t[self.next_step_index]
+            on_step_t = bool(t0 < nxt < t0 + dt)
+            if on_step_t:
+                t1, dt = nxt, nxt - t0
+        if len(self.jump_t):
+            nxt = self.jump_t[self.next_jump_index]
+            on_jump_t = bool(t0 < nxt < t0 + dt)
+            if on_jump_t:
+                on_step_t = False
+                t1, dt = nxt, nxt - t0
+
+        ydt = y0.dtype
+        h = dt.to(ydt)
+        # The first slope's time: the field was last evaluated at the previous step's end.
+        first = getattr(self, "_first_time", None)
+        if first is None:
+            first = t0.to(ydt)
+        times = self.stage_times(t0, dt, t1, ydt, first)
+        try:
+            X, k = self.step_stages(self._field, times, y0, h, f0)
+        except NewtonConvergenceError as err:
+            small = dt * 0.25
+            if small <= self.min_step or not bool(t0 + small > t0):
+                raise NewtonConvergenceError(
+                    f"{err} (the step size cannot be reduced further)"
+                ) from err
+            self.func.callback_reject_step(t0, y0, dt)
+            return RungeKuttaState(y0, f0, t0, t0, small, interp_coeff)
+        tab = self.core_tableau
+        y1 = X[-1]  # stiffly accurate: y_{n+1} = y_n + h sum_i b_i k_i is the last stage input
+        err = lincomb(None, h, tab.b_error, k)
+        error_ratio = compute_error_ratio(err, self.rtol, self.atol, y0, y1, self.norm)
+        accept = bool(error_ratio <= 1)
+        if dt > self.max_step:
+            accept = False
+        if dt <= self.min_step:
+            accept = True
+        if accept:
+            self._capture(X, k, 1)
+            self.func.callback_accept_step(t0, y0, dt)
+            kk = torch.stack(k, dim=-1)
+            interp_coeff = self._interp_fit(y0, y1, kk, dt)
+            if on_step_t and self.next_step_index != len(self.step_t) - 1:
+                self.next_step_index += 1
+            # The next first slope: f at y_{n+1} itself (not Newton's last iterate k_s), so
+            # that it is a function of the state and a states-only checkpoint suffices.
+            f1 = self._field(times[-1], y1)
+            self._first_time = times[-1]
+            if on_jump_t:
+                if self.next_jump_index != len(self.jump_t) - 1:
+                    self.next_jump_index += 1
+                f1 = self.func(t1, y1, perturb=Perturb.NEXT)
+                self._first_time = _next(t1.to(ydt))
+            t_next, y_next, f_next = t1, y1, f1
+        else:
+            self.func.callback_reject_step(t0, y0, dt)
+            t_next, y_next, f_next = t0, y0, f0
+        dt_next = optimal_step_size(dt, error_ratio, self.safety, self.ifactor, self.dfactor,
+                                     self.order)  # fmt: skip
+        dt_next = dt_next.clamp(self.min_step, self.max_step)
+        return RungeKuttaState(y_next, f_next, t0, t_next, dt_next, interp_coeff)
+
+    def _interp_fit(self, y0, y1, k, dt):
+        coeff = torch.matmul(k, self._dense_w) * dt.type_as(y0)
+        return [y0, *(coeff[..., p] for p in range(1, coeff.shape[-1]))]
+
+
+def _torchdiffeq_layout(tab: ButcherTableau) -> Any:
+    """The nodes in torchdiffeq's layout (``alpha``, without ``c_1``); the solver reads only
+    those (the stages are solved from the core tableau)."""
+    f64 = torch.float64
+    weights = torch.tensor(tab.b, dtype=f64)
+    error = torch.tensor(tab.b_error, dtype=f64)
+    return TorchdiffeqTableau(torch.tensor(tab.c[1:], dtype=f64), [], weights, error)
+
+
+def _class_name(method: str) -> str:
+    return "".join(part.capitalize() for part in method.split("_")) + "Solver"
+
+
+def _make(method: str) -> type:
+    tab = implicit_tableau(method)
+    if method in IMPLICIT_ADAPTIVE_METHODS:
+        attrs = {
+            "method": method,
+            "order": tab.order,
+            "tableau": _torchdiffeq_layout(tab),
+            "mid": torch.zeros(tab.stages, dtype=torch.float64),
+        }
+        return type(_class_name(method), (KvaernoSolver,), attrs)
+    return type(_class_name(method), (ImplicitFixedGridSolver,), {"method": method,
+                                                                   "order": tab.order})  # fmt: skip
+
+
+#: name -> solver class, torchdiffeq master's names (and kvaerno3/4/5).
+IMPLICIT_SOLVERS: dict[str, type] = {m: _make(m) for m in IMPLICIT_METHODS}
