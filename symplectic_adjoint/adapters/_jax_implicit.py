@@ -86,7 +86,7 @@ def implicit_core_tableau(solver: Any) -> ButcherTableau | AdditiveTableau | Non
     if type(solver) is diffrax.ImplicitEuler:
         # y1 = y0 + K_2, K_2 = h f(t1, y1); K_1 = h f(t0, y0) only feeds the error.
         return IMPLICIT_EULER_DIFFRAX
-    tab = type(solver).tableau
+    tab = type(solver).tableau  # type: ignore[attr-defined]  # every SUPPORTED ESDIRK has one
     if isinstance(tab, MultiButcherTableau):
         explicit, implicit = tab.tableaus
         return AdditiveTableau(
