@@ -313,11 +313,13 @@ class Inputs:
     # ----------------------------------------------------------------- graph
     def check_graph(self, out: torch.Tensor, own: Sequence[torch.Tensor]) -> None:
         """Raise if the graph of ``out`` reaches a tensor requiring grad other than the
-        inputs and ``own`` (the evaluation's leaf arguments)."""
+        inputs and ``own`` (the evaluation's arguments; their history is not followed)."""
         if out.grad_fn is None:
             return
-        known = self._leaf_ids.union(map(id, own)) if own else self._leaf_ids
-        nodes = self._nodes
+        known, nodes = self._leaf_ids, self._nodes
+        if own:
+            known = known.union(id(x) for x in own if x.grad_fn is None)
+            nodes = nodes.union(x.grad_fn for x in own if x.grad_fn is not None)
         for node in _walk(out.grad_fn, stop=lambda n: n in nodes):
             leaf = _leaf_of(node)
             if leaf is not None and id(leaf) not in known:
@@ -364,6 +366,14 @@ class Replay:
         self.cache = cache
         self.trivial_autocast = not any(enabled for _, enabled, _ in autocast)
         self.kinds = [kind for kind, _, _ in autocast]
+        self.random = tape is not None
+
+    def needed(self) -> bool:
+        """Whether evaluations must be wrapped: random func, or autocast on in the forward
+        or now (in the backward it must be as in the forward)."""
+        if self.random or not self.trivial_autocast:
+            return True
+        return any(torch.is_autocast_enabled(k) for k in self.kinds)
 
     @contextlib.contextmanager
     def backward(self) -> Iterator[None]:
