@@ -318,6 +318,35 @@ def test_adaptive_dopri5(name, checkpoint):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("checkpoint", MODES)
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "fehlberg2", "adaptive_heun", "tsit5"])
+def test_adaptive_random_draws_are_replayed(method, checkpoint):
+    """Random numbers under error control: rejected attempts draw too, FSAL slopes and the
+    re-evaluation after a jump_t carry their own generator states. ``first_step`` is
+    given to both solves (the initial step selection draws as well)."""
+
+    def build():
+        net = _mlp()
+        y0 = _y0()
+        func = lambda t, y: net(y) * (1 + 1e-5 * torch.rand(()))  # noqa: E731
+        jump = torch.tensor([0.55], dtype=D)
+        return Program(func, y0, [y0, *net.parameters()], method=method, rtol=1e-5,
+                       atol=1e-7, options=dict(first_step=0.05, jump_t=jump))  # fmt: skip
+
+    build.__name__ = "random_" + method
+    stats = SolveStats()
+    sol, grads, _ = run(build, odeint, checkpoint=checkpoint, stats=stats)
+    assert stats.n_rejected > 0 or method in ("dopri5", "tsit5")
+    ref = torchdiffeq.odeint if method != "tsit5" else _tsit5_backprop
+    ref_sol, ref_grads, _ = run(build, ref)
+    assert relerr(sol, ref_sol) <= 1e-12
+    assert max(relerr(a, b) for a, b in zip(grads, ref_grads, strict=True)) <= 1e-10
+
+
+def _tsit5_backprop(*args, **kwargs):
+    return odeint(*args, adjoint="backprop", **kwargs)
+
+
 @pytest.mark.parametrize("method", ["euler", "midpoint"])
 def test_other_fixed_grid_methods(method):
     for name in ("dropout", "closure_over_nonleaf_encoder", "batchnorm_train"):
