@@ -230,6 +230,9 @@ def _leaf_of(node: Any) -> torch.Tensor | None:
     return getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
 
 
+_ACCUMULATE = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+
+
 class Inputs:
     """The tensors the backward differentiates besides ``y0`` and ``t``.
 
@@ -313,19 +316,38 @@ class Inputs:
     # ----------------------------------------------------------------- graph
     def check_graph(self, out: torch.Tensor, own: Sequence[torch.Tensor]) -> None:
         """Raise if the graph of ``out`` reaches a tensor requiring grad other than the
-        inputs and ``own`` (the evaluation's arguments; their history is not followed)."""
-        if out.grad_fn is None:
+        inputs and ``own`` (the evaluation's arguments, at most two leaves; the history
+        of a non-leaf one is not followed)."""
+        root = out.grad_fn
+        if root is None:
             return
         known, nodes = self._leaf_ids, self._nodes
-        if own:
-            known = known.union(id(x) for x in own if x.grad_fn is None)
-            nodes = nodes.union(x.grad_fn for x in own if x.grad_fn is not None)
-        for node in _walk(out.grad_fn, stop=lambda n: n in nodes):
-            leaf = _leaf_of(node)
-            if leaf is not None and id(leaf) not in known:
+        a = b = None
+        for x in own:
+            if x.grad_fn is not None:
+                nodes = nodes | {x.grad_fn}
+            elif a is None:
+                a = x
+            else:
+                b = x
+        # Once per VJP, so a plain loop with bound methods: ~3 us on the protocol MLP's
+        # fresh graph, whose VJP takes 600-900 us.
+        stack, seen = [root], {root}
+        pop, push, add = stack.pop, stack.append, seen.add
+        while stack:
+            for node, _ in pop().next_functions:
+                if node is None or node in seen or node in nodes:
+                    continue
+                add(node)
+                if type(node) is not _ACCUMULATE:
+                    push(node)
+                    continue
+                leaf = node.variable
+                if leaf is a or leaf is b or id(leaf) in known:
+                    continue
                 raise RuntimeError(
-                    f"func read a {describe(leaf)} that its first evaluation did not read "
-                    "(a data-dependent branch?), so the symplectic adjoint would lose its "
+                    f"func read a {describe(leaf)} that its first evaluation did not read (a "
+                    "data-dependent branch?), so the symplectic adjoint would lose its "
                     "gradient. Pass it in adjoint_params, or make func read it at every "
                     "evaluation. (A tensor created inside func with requires_grad=True also "
                     "triggers this: create it without requires_grad.)"
