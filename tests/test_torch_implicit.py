@@ -8,15 +8,17 @@ solve of the Kronecker form, independently of the solver; gradients are autograd
 from __future__ import annotations
 
 import pytest
-import torch
 
-from symplectic_adjoint.adapters._torch_implicit import (
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchdiffeq")
+
+from symplectic_adjoint.adapters._torch_implicit import (  # noqa: E402
     IMPLICIT_FIXED_METHODS,
     IMPLICIT_METHODS,
     NewtonConvergenceError,
     implicit_tableau,
 )
-from symplectic_adjoint.adapters.torchdiffeq import SolveStats, odeint
+from symplectic_adjoint.adapters.torchdiffeq import SolveStats, odeint  # noqa: E402
 
 F64 = torch.float64
 TIGHT = dict(newton_rtol=1e-13, newton_atol=1e-13)
@@ -225,3 +227,21 @@ def test_robertson_example_quick() -> None:
     spec.loader.exec_module(mod)
     out = mod.main(["--quick"])
     assert out["calls"] >= 1 and torch.isfinite(out["k"]).all()
+
+
+def test_implicit_methods_refuse_what_they_cannot_replay():
+    """Random draws inside func and create_graph=True are refused for implicit methods,
+    naming the alternative, rather than differentiated wrongly."""
+    y0 = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    opts = dict(step_size=0.25)
+
+    def noisy(t, y):  # draws random numbers (that happen not to matter: Newton converges)
+        return -3.0 * y + 0.0 * torch.randn_like(y)
+
+    with pytest.raises(ValueError, match="random numbers.*adjoint='backprop'"):
+        odeint(noisy, y0, t, method="trbdf2", options=opts)
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    ys = odeint(lambda t, y: -w * y**3, y0, t, method="sdirk2", options=opts)
+    with pytest.raises(ValueError, match="create_graph=True with an implicit method"):
+        torch.autograd.grad(ys[-1].sum(), (y0, w), create_graph=True)

@@ -1,25 +1,31 @@
 """The symplectic adjoint as a ``torch.autograd.Function`` over a recorded torchdiffeq solve.
 
-Forward: :func:`~._torch_record.record_solve` runs torchdiffeq's solver without a graph
-and returns the solution, a :class:`~._torch_record.Recording` of the accepted steps and
-the checkpoints, which go through ``ctx.save_for_backward``.
+Forward: :func:`solve` runs torchdiffeq's solver without a graph
+(:func:`~._torch_record.record_solve`) *before* the function is applied, watching what
+``func`` reads (:mod:`._torch_inputs`): the tensors requiring grad it reads become inputs
+of the function besides ``y0``, ``t`` and the listed parameters (DESIGN 3.5). The
+function's forward then returns that solution and moves the checkpoints into
+``ctx.save_for_backward``.
 
 Backward: a :class:`~._torch_reverse.ReverseSweep` over the recording and the saved
 checkpoints, with a :class:`~._torch_reverse.StageEvaluator` for every evaluation of
-the vector field (see :mod:`._torch_reverse` for the recursion).
+the vector field (see :mod:`._torch_reverse` for the recursion), inside the forward's
+surroundings (:class:`~._torch_inputs.Replay`). With ``create_graph=True`` the sweep is
+recorded by autograd, so the first derivative is differentiable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from ._torch_inputs import FuncObserver, Inputs, Replay, autocast_state
 from ._torch_record import Checkpoints, Problem, Recording, record_solve
 from ._torch_reverse import ReverseSweep, StageEvaluator
 
-__all__ = ["SolveStats", "SymplecticFunction"]
+__all__ = ["SolveStats", "SymplecticFunction", "Solved", "solve"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,37 +69,128 @@ class SolveStats:
     checkpoint_bytes: int = 0
 
 
-class SymplecticFunction(torch.autograd.Function):
-    """``apply(problem, stats, y0, t, *params)`` -> solution, or ``(event_t, solution)``.
+@dataclasses.dataclass(eq=False)
+class Solved:
+    """A forward solve done before :class:`SymplecticFunction` is applied.
 
-    ``y0`` is torchdiffeq's flat state, ``t`` its (possibly negated) time; ``params`` are
-    the tensors whose gradients are wanted (each once); ``stats`` a :class:`SolveStats`.
+    Attributes:
+        problem: the solve.
+        out: the solution (``(event_t, solution)`` with an event function); handed over
+            to the function's forward, which clears it.
+        rec, checkpoints: as :func:`~._torch_record.record_solve` returns them
+            (``checkpoints`` cleared once packed into ``ctx``).
+        inputs: the tensors to differentiate besides ``y0`` and ``t``
+            (``inputs.tensors``, the function's remaining inputs).
+        replay: what the backward re-enters (autocast, generators, module state).
+        refusal: why the backward cannot be exact, raised when it runs (else ``None``).
+    """
+
+    problem: Problem
+    out: Any
+    rec: Recording
+    checkpoints: Checkpoints | None
+    inputs: Inputs
+    replay: Replay
+    refusal: str | None
+
+
+def solve(
+    problem: Problem, y0: torch.Tensor, t: torch.Tensor, *, need_t: bool, listed: tuple
+) -> Solved:
+    """Run and record the solve without a graph, watching what ``func`` reads.
+
+    ``listed``: the parameters to differentiate in any case (requiring grad, each once).
+    Raises ``ValueError`` when ``func`` reads a tensor and one computed from it outside
+    ``func`` (see :class:`~._torch_inputs.Inputs`).
+    """
+    observer = FuncObserver(y0.device)
+    autocast = autocast_state(y0.device)
+    with torch.no_grad():
+        out, rec, checkpoints = record_solve(problem, y0, t, need_t=need_t, observer=observer)
+    reads = observer.reads
+    inputs = Inputs(listed, reads)
+    inputs.record_versions()
+    random = reads is not None and reads.random
+    mutated = reads.mutated if reads is not None else []
+    replay = Replay(autocast, observer.tape if random else None, mutated)
+    refusal = None
+    if observer.drew_later():
+        refusal = (
+            "func drew random numbers in later evaluations but not in its first, so the "
+            "backward pass cannot replay them; draw them in every evaluation, or use "
+            "adjoint='backprop'"
+        )
+    elif random and rec.spec.cubic:
+        refusal = (
+            "func draws random numbers and options['interp'] is 'cubic', whose extra "
+            "evaluations the backward pass cannot replay; use interp='linear' or "
+            "adjoint='backprop'"
+        )
+    return Solved(problem, out, rec, checkpoints, inputs, replay, refusal)
+
+
+class SymplecticFunction(torch.autograd.Function):
+    """``apply(solved, stats, y0, t, *params)`` -> solution, or ``(event_t, solution)``.
+
+    ``solved`` is :func:`solve`'s result for ``y0`` (torchdiffeq's flat state) and ``t``
+    (its possibly negated time); ``params`` are ``solved.inputs.tensors``, the tensors
+    whose gradients are wanted besides ``y0`` and ``t``; ``stats`` a :class:`SolveStats`.
+
+    Backward with ``create_graph=True`` (grad mode on in the backward) records the
+    reverse sweep itself: the trajectory is replayed from ``y0`` with a graph and every
+    VJP keeps its graph, so the first derivative is differentiable (gradient penalties,
+    Hessian-vector products, exact to rounding) at backprop's memory cost.
     """
 
     @staticmethod
-    def forward(ctx, problem: Problem, stats: SolveStats, y0: torch.Tensor, t: torch.Tensor,
+    def forward(ctx, solved: Solved, stats: SolveStats, y0: torch.Tensor, t: torch.Tensor,
                 *params: torch.Tensor):  # fmt: skip
-        out, rec, checkpoints = record_solve(problem, y0, t, need_t=ctx.needs_input_grad[3])
+        out, rec, checkpoints = solved.out, solved.rec, solved.checkpoints
+        assert checkpoints is not None, "a Solved is applied once"
+        solved.out = solved.checkpoints = None  # the checkpoints live in ctx only
         tensors, layout = checkpoints.pack()
-        ctx.save_for_backward(*tensors)
-        ctx.problem, ctx.rec, ctx.layout, ctx.stats = problem, rec, layout, stats
+        stats.n_checkpoints = len(tensors)
+        stats.checkpoint_bytes = sum(x.numel() * x.element_size() for x in tensors)
+        # y0 (for a create_graph backward) is usually a checkpoint already.
+        ctx.y0_index = next((i for i, x in enumerate(tensors) if x is y0), len(tensors))
+        ctx.save_for_backward(*tensors, *([y0] if ctx.y0_index == len(tensors) else []))
+        ctx.solved, ctx.rec, ctx.layout, ctx.stats = solved, rec, layout, stats
         ctx.t_input, ctx.params = t.detach(), params
         stats.n_steps, stats.n_rejected = len(rec.steps), rec.n_rejected
         stats.first_step, stats.nfe_forward = rec.first_step, rec.nfe
-        stats.n_checkpoints = len(tensors)
-        stats.checkpoint_bytes = sum(x.numel() * x.element_size() for x in tensors)
         if isinstance(out, tuple):
             ctx.mark_non_differentiable(out[0])
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads: torch.Tensor):
+        solved: Solved = ctx.solved
         rec: Recording = ctx.rec
-        saved = Checkpoints.unpack(ctx.saved_tensors, ctx.layout)
-        evaluator = StageEvaluator(ctx.problem.wfunc.base_func, ctx.params, need_t=rec.need_t)
-        sweep = ReverseSweep(rec, saved, evaluator, grads[-1])
-        with torch.no_grad():
+        if solved.refusal is not None:
+            raise RuntimeError(solved.refusal)
+        solved.inputs.check_versions()
+        graph = torch.is_grad_enabled()  # create_graph=True
+        if graph and rec.spec.implicit:
+            raise ValueError(
+                "create_graph=True with an implicit method: adjoint='symplectic' gives no "
+                "second derivatives through Newton-solved stages yet; use adjoint='backprop' "
+                "for gradient penalties or Hessian-vector products with implicit methods"
+            )
+        if graph and rec.need_t:
+            raise ValueError(
+                "create_graph=True with t requiring grad: adjoint='symplectic' gives no "
+                "second derivatives through t; detach t, or use adjoint='backprop'"
+            )
+        everything = ctx.saved_tensors
+        y0 = everything[ctx.y0_index] if graph else None
+        saved = Checkpoints.unpack(everything, ctx.layout)
+        replay = solved.replay
+        evaluator = StageEvaluator(
+            solved.problem.wfunc.base_func, ctx.params, need_t=rec.need_t,
+            replay=replay if replay.needed() else None, inputs=solved.inputs, graph=graph,
+        )  # fmt: skip
+        sweep = ReverseSweep(rec, saved, evaluator, grads[-1], y0)
+        with replay.backward(), torch.set_grad_enabled(graph):
             ybar, tbar, pbar = sweep.run(ctx.t_input, need_y0=ctx.needs_input_grad[2])
         stats: SolveStats = ctx.stats
         stats.nfe_backward += evaluator.nfe

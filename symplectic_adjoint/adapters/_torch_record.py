@@ -157,6 +157,9 @@ class Recording:
         newton: an implicit method's Newton solver (:class:`~._torch_implicit.Newton`;
             options only, no tensors): the reverse pass recomputes stages and solves the
             transposed systems with it.
+        rng: when func draws random numbers, per step the generator state each stage's
+            evaluation started from (stage 1: the call that produced the step's first
+            slope), for the backward to replay; else ``None``.
     """
 
     spec: MethodSpec
@@ -174,6 +177,7 @@ class Recording:
     n_rejected: int
     first_step: float | None
     newton: Any = None
+    rng: tuple[tuple, ...] | None = None
 
     @property
     def stages(self) -> bool:
@@ -267,12 +271,20 @@ class Recorder:
     ``(X_i, k_i)``. In adaptive solvers the only call with ``Perturb.NEXT`` is the
     re-evaluation of the first slope after a ``jump_t`` (an accepted step that ended on
     a jump); it is kept in ``jump_k1``, which the step wrapper clears before each step.
+
+    ``observer(base, t, y)`` (a :class:`~._torch_inputs.FuncObserver`), when given,
+    evaluates the field: it watches the first evaluation and, when func draws random
+    numbers, gives each call's starting generator state, collected like ``calls`` in
+    ``rng_calls`` (and ``rng_jump`` for the re-evaluation after a jump).
     """
 
-    def __init__(self, func: Any, *, adaptive: bool) -> None:
+    def __init__(self, func: Any, *, adaptive: bool, observer: Any = None) -> None:
         self.func = func  # torchdiffeq's _PerturbFunc: carries the user's callbacks
         self.base = func.base_func
         self.adaptive = adaptive
+        self.observer = observer
+        self.rng_calls: list | None = None
+        self.rng_jump: Any = None
         self.nfe = 0
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.jump_k1: torch.Tensor | None = None
@@ -283,11 +295,18 @@ class Recorder:
     def __call__(self, t: torch.Tensor, y: torch.Tensor, *, perturb: Perturb = Perturb.NONE):
         self.nfe += 1
         # _PerturbFunc's semantics without its per-call y.abs() and autograd wrapper.
-        out = self.base(perturb_time(t, y.dtype, perturb), y)
+        obs = self.observer
+        t = perturb_time(t, y.dtype, perturb)
+        out = self.base(t, y) if obs is None else obs(self.base, t, y)
         if self.adaptive and perturb is Perturb.NEXT:
             self.jump_k1 = out
-        elif self.calls is not None:
+            if obs is not None and obs.random:
+                self.rng_jump = obs.last_state
+            return out
+        if self.calls is not None:
             self.calls.append((y, out))
+        if self.rng_calls is not None and obs.random:
+            self.rng_calls.append(obs.last_state)
         return out
 
     def callback_step(self, t0, y0, dt):
@@ -312,6 +331,7 @@ class _Log:
     dt: list[torch.Tensor] = dataclasses.field(default_factory=list)
     mode: list[StepMode] = dataclasses.field(default_factory=list)
     k1: list[K1Source] = dataclasses.field(default_factory=list)
+    rng: list[tuple] = dataclasses.field(default_factory=list)  # random func only
     y_final: torch.Tensor | None = None
     first_step: float | None = None
     n_rejected: int = 0
@@ -418,6 +438,7 @@ class _AdaptiveRecording:
     _store: Store
     _sign: float
     _next_k1: K1Source = K1Source.FIRST
+    _k1_state: Any = None  # generator state of the call that made the next step's k_1
 
     def integrate_until_event(self, t0, event_fn):
         self._log.event = True
@@ -427,12 +448,15 @@ class _AdaptiveRecording:
         rec, log = self._rec, self._log
         if log.first_step is None and not log.n_rejected and not len(log):
             log.first_step = float(rk_state.dt)  # selected or given; pin it to reproduce
-        rec.accepted, rec.jump_k1 = False, None
+        rec.accepted, rec.jump_k1, rec.rng_jump = False, None, None
         rec.calls = [] if self._store.capture else None
+        random = rec.observer is not None and rec.observer.random
+        rec.rng_calls = [] if random else None
         try:
             new = super()._adaptive_step(rk_state)  # type: ignore[misc]
         finally:
             calls, rec.calls = rec.calls, None
+            rng_calls, rec.rng_calls = rec.rng_calls, None
         t0 = rk_state.t1  # the step starts where the previous accepted step ended
         if not rec.accepted:
             log.n_rejected += 1
@@ -452,6 +476,9 @@ class _AdaptiveRecording:
         carried = self._next_k1 is K1Source.FSAL
         self._store.offer(n, rk_state.y1, rk_state.f1, calls, carried=carried)
         self._next_k1 = K1Source.NEXT if rec.jump_k1 is not None else K1Source.FSAL
+        if random:  # stage 1's state: the first call of the solve, a jump's or FSAL's
+            log.rng.append((self._k1_state if n else rec.observer.first_state, *rng_calls))
+            self._k1_state = rec.rng_jump if rec.jump_k1 is not None else rng_calls[-1]
         log.y_final = new.y1
         return new
 
@@ -473,10 +500,12 @@ class _FixedRecording:
     def _step_func(self, func, t0, dt, t1, y0):
         rec, log = self._rec, self._log
         rec.calls = [] if self._store.capture else None
+        rec.rng_calls = [] if rec.observer is not None else None
         try:
             dy, f0 = super()._step_func(func, t0, dt, t1, y0)  # type: ignore[misc]
         finally:
             calls, rec.calls = rec.calls, None
+            rng_calls, rec.rng_calls = rec.rng_calls, None
         _check_finite(dy, self._sign, t0, dt)
         n = len(log)
         log.t0.append(t0)
@@ -485,6 +514,8 @@ class _FixedRecording:
         log.mode.append(StepMode.CHAIN if log.event else StepMode.GRID)
         log.k1.append(K1Source.NEXT if self.perturb else K1Source.FIRST)
         self._store.offer(n, y0, None, calls, carried=False)
+        if rng_calls:
+            log.rng.append(tuple(rng_calls))
         # torchdiffeq forms y1 = y0 + dy after this returns; the last one is the final state.
         self._pending = (y0, dy)
         return dy, f0
@@ -505,13 +536,14 @@ def recording_class(method: str) -> type:
 
 
 def record_solve(
-    problem: Problem, y0: torch.Tensor, t: torch.Tensor, *, need_t: bool
+    problem: Problem, y0: torch.Tensor, t: torch.Tensor, *, need_t: bool, observer: Any = None
 ) -> tuple[Any, Recording, Checkpoints]:
     """Run torchdiffeq's solver on ``problem`` and record it.
 
     Arguments:
         y0, t: torchdiffeq's flat state and (possibly negated) increasing time.
         need_t: ``t`` needs a gradient (keep the slopes and the grid constructor).
+        observer: evaluates the field (see :class:`Recorder`).
 
     Returns:
         ``(solution, recording, checkpoints)``: ``solution`` is what torchdiffeq's solver
@@ -530,7 +562,7 @@ def record_solve(
         n_steps = len(time_grid) - 1
         solver.grid_constructor = _Given(time_grid, solver.grid_constructor)
     store = Store(problem.checkpoint, keep_k1=spec.keep_k1, keep_slopes=need_t, n_steps=n_steps)
-    rec = solver._rec = Recorder(problem.wfunc, adaptive=spec.adaptive)
+    rec = solver._rec = Recorder(problem.wfunc, adaptive=spec.adaptive, observer=observer)
     solver.func = rec
     log = solver._log = _Log()
     solver._store = store
@@ -553,6 +585,14 @@ def record_solve(
         grid = GridPullback(getattr(constructor, "original", constructor), problem.wfunc)
     del solver  # its final state (y1, f1, stage tensor, interpolation) is not needed
 
+    if spec.implicit and log.rng:
+        # Newton evaluates func a data-dependent number of times per stage: the random
+        # numbers of the converged stage cannot be replayed on their own.
+        raise ValueError(
+            f"func draws random numbers, which adjoint='symplectic' cannot replay through the "
+            f"Newton iterations of the implicit method {problem.method!r}; draw the noise "
+            "outside func (e.g. pass it in a closure), or use adjoint='backprop'"
+        )
     steps, stage_times, end_times, loose = _steps(
         log, spec, t, event_t, ydt=y0.dtype, alpha=alpha, perturb=perturb
     )
@@ -561,6 +601,7 @@ def record_solve(
         n_outputs=len(t), t_dtype=t.dtype, need_t=need_t, checkpoint=problem.checkpoint,
         online=store.online, grid=grid, nfe=rec.nfe, n_rejected=log.n_rejected,
         first_step=log.first_step, newton=newton,
+        rng=tuple(log.rng) if log.rng else None,
     )  # fmt: skip
     y_final = log.y_final if log.y_final is not None else y0  # None: no step taken
     checkpoints = Checkpoints(store.stored, y_final, store.stages, y0 if grid else None)

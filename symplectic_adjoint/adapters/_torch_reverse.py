@@ -26,7 +26,11 @@ saved :class:`Checkpoints`; it holds the sweep's working state (the cotangent ``
    grid the node cotangents are pulled back through the grid constructor.
 
 Every evaluation of the vector field in the backward pass goes through one
-:class:`StageEvaluator`.
+:class:`StageEvaluator`: it re-enters the forward's surroundings (random generator state
+per stage, autocast; :mod:`._torch_inputs`), checks that each graph reaches no tensor
+requiring grad besides the known inputs, and in graph mode (``create_graph=True``)
+records the VJPs themselves, after :meth:`ReverseSweep.run` replayed the trajectory
+from ``y0`` with a graph.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from ..core.checkpointing import execute, store_all_schedule
 from ..core.step import add, lincomb, rk_step_vjp, stage_input, sub
 from ._torch_implicit import implicit_reverse_step
+from ._torch_inputs import Cut, Inputs, Replay
 from ._torch_record import Checkpoints, K1Source, OutputKind, Recording, StepMode
 
 __all__ = ["StageEvaluator", "ReverseSweep"]
@@ -74,49 +79,83 @@ class StageEvaluator:
         params: the tensors whose cotangents are accumulated (the autograd function's
             parameter inputs, in order); ``acc`` holds their sums.
         need_t: also return the cotangent of the time argument.
+        replay: the forward's surroundings to re-enter per evaluation (``None``: none).
+        inputs: the :class:`Inputs` whose graph check runs before each VJP.
+        graph: record the VJPs (``create_graph=True``); the stage inputs then carry the
+            replayed trajectory's graph, hidden from each VJP by a :class:`Cut`.
 
-    ``nfe`` counts evaluations, ``n_vjp`` vector-Jacobian products.
+    ``nfe`` counts evaluations, ``n_vjp`` vector-Jacobian products. ``rng``, where the
+    methods take it, is the generator state the forward's evaluation started from.
     """
 
-    def __init__(self, func: Any, params: tuple[torch.Tensor, ...], *, need_t: bool) -> None:
+    def __init__(
+        self,
+        func: Any,
+        params: tuple[torch.Tensor, ...],
+        *,
+        need_t: bool,
+        replay: Replay | None = None,
+        inputs: Inputs | None = None,
+        graph: bool = False,
+    ) -> None:
         self.func = func
         self.params = params
         self.need_t = need_t
+        self.replay = replay
+        self.inputs = inputs
+        self.graph = graph
         self.acc = [torch.zeros_like(p) for p in params]
         self.nfe = 0
         self.n_vjp = 0
 
-    def eval(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``f(t, x)`` without a graph."""
-        self.nfe += 1
-        return self.func(t, x)
+    def _call(self, t: torch.Tensor, x: torch.Tensor, rng: Any) -> torch.Tensor:
+        if self.replay is None:
+            return self.func(t, x)
+        with self.replay.evaluation(rng):
+            return self.func(t, x)
 
-    def linearize(self, t: torch.Tensor, x: torch.Tensor) -> tuple:
-        """``f(t, x)`` with a graph: ``(out, x_leaf, t_leaf)`` for :meth:`pull`."""
-        x = x.detach().requires_grad_(True)
+    def eval(self, t: torch.Tensor, x: torch.Tensor, rng: Any = None) -> torch.Tensor:
+        """``f(t, x)`` without a graph (with one in graph mode)."""
+        self.nfe += 1
+        return self._call(t, x, rng)
+
+    def linearize(self, t: torch.Tensor, x: torch.Tensor, rng: Any = None) -> tuple:
+        """``f(t, x)`` with a graph: ``(out, x_leaf, t_leaf, gate)`` for :meth:`pull`."""
+        gate = None
+        if self.graph:  # x keeps its history, which this VJP must not see
+            gate = Cut.Gate()
+            x = Cut.apply(x, gate)
+        else:
+            x = x.detach().requires_grad_(True)
         if self.need_t:
             t = t.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = self.func(t, x)
+            out = self._call(t, x, rng)
         self.nfe += 1
-        return out, x, t
+        return out, x, t, gate
 
-    def vjp(self, t: torch.Tensor, x: torch.Tensor, cot: torch.Tensor) -> tuple[Any, Any]:
+    def vjp(
+        self, t: torch.Tensor, x: torch.Tensor, cot: torch.Tensor, rng: Any = None
+    ) -> tuple[Any, Any]:
         """One evaluation of ``f`` with a graph and its VJP with cotangent ``cot``.
 
         Returns ``(xbar, tau)`` (``None`` where ``f`` does not depend on it) and adds the
         parameter cotangents to ``acc`` in place.
         """
-        return self.pull(self.linearize(t, x), cot)
+        return self.pull(self.linearize(t, x, rng), cot)
 
     def pull(self, lin: tuple, cot: torch.Tensor) -> tuple[Any, Any]:
         """The VJP of a :meth:`linearize` result with cotangent ``cot``."""
-        out, x, t = lin
+        out, x, t, gate = lin
         self.n_vjp += 1
         if not out.requires_grad:
             return None, None
         params = self.params
         inputs = (x, *params, t) if self.need_t else (x, *params)
+        if self.inputs is not None:
+            self.inputs.check_graph(out, (x, t) if self.need_t else (x,))
+        if gate is not None:
+            return self._pull_graph(out, inputs, cot, gate)
         grads = _grad(out, inputs, cot)
         pg = grads[1 : 1 + len(params)]
         if any(g is None for g in pg):  # parameters this evaluation did not touch
@@ -125,6 +164,18 @@ class StageEvaluator:
                 torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
         elif pg:
             torch._foreach_add_(self.acc, pg)  # one fused call per evaluation
+        return grads[0], (grads[-1] if self.need_t else None)
+
+    def _pull_graph(self, out, inputs, cot, gate) -> tuple[Any, Any]:
+        """:meth:`pull` recorded by autograd (graph mode): accumulated out of place."""
+        gate.closed = True
+        try:
+            grads = torch.autograd.grad(out, inputs, cot, allow_unused=True, create_graph=True)
+        finally:
+            gate.closed = False
+        for j, g in enumerate(grads[1 : 1 + len(self.params)]):
+            if g is not None:
+                self.acc[j] = self.acc[j] + g
         return grads[0], (grads[-1] if self.need_t else None)
 
 
@@ -136,6 +187,9 @@ class ReverseSweep:
         saved: the checkpoints, as unpacked from ``ctx``.
         evaluator: evaluates ``f`` and its VJPs, accumulating the parameter cotangents.
         grad_sol: the cotangent of the solution (leading time axis).
+        y0: the initial state with its graph, for graph mode (``evaluator.graph``): the
+            trajectory is then replayed from it with a graph, every step's stage inputs
+            kept (memory as backprop's), and the checkpoints are not read.
     """
 
     def __init__(
@@ -144,8 +198,10 @@ class ReverseSweep:
         saved: Checkpoints,
         evaluator: StageEvaluator,
         grad_sol: torch.Tensor,
+        y0: torch.Tensor | None = None,
     ) -> None:
         self.rec = rec
+        self.y0 = y0
         self.saved = saved
         self.ev = evaluator
         self.gsol = grad_sol
@@ -168,16 +224,35 @@ class ReverseSweep:
     def run(self, t_input: torch.Tensor, *, need_y0: bool) -> tuple[Any, Any, list[torch.Tensor]]:
         """``(ybar_0 or None, tbar or None, parameter cotangents)``."""
         rec, saved = self.rec, self.saved
-        if rec.online is not None:
+        stored = saved.stored
+        if self.ev.graph:
+            stored, schedule = self._replay_with_graph(), store_all_schedule(self.n)
+        elif rec.online is not None:
             schedule = rec.online.schedule(self.n)
         else:
             schedule = store_all_schedule(self.n)
-        self.replays = execute(schedule, saved.stored, advance=self._advance, reverse=self._reverse)
+        self.replays = execute(schedule, stored, advance=self._advance, reverse=self._reverse)
         ybar = add(self.lam, self.gsol[0])
         for j in rec.loose:
             ybar = add(ybar, self.gsol[j])
         tbar = self._assemble_tbar(t_input, saved.y0) if rec.need_t else None
         return (ybar if need_y0 else None), tbar, self.ev.acc
+
+    def _rng(self, m: int, i: int) -> Any:
+        """The generator state stage ``i`` of step ``m`` started from (random func)."""
+        rng = self.rec.rng
+        return None if rng is None else rng[m][i]
+
+    def _replay_with_graph(self) -> dict[int, tuple]:
+        """Every step's stage inputs, recomputed from ``y0`` with a graph (graph mode)."""
+        stored: dict[int, tuple] = {}
+        y, k1 = self.y0, None
+        for m in range(self.n):
+            X, k = self._slopes(m, y, k1, replay=True)
+            stored[m] = (tuple(X), ())
+            y, k1 = self._step_end(m, y, k)
+        self.y_next = y  # the final state, with its graph
+        return stored
 
     def _carried(self, m: int) -> bool:
         """Whether step ``m + 1`` starts from step ``m``'s last slope (FSAL)."""
@@ -204,7 +279,7 @@ class ReverseSweep:
         if self.steps[m].k1 is K1Source.FSAL and k1_stored is not None:
             k[0] = k1_stored
         elif s > 1 or want_last:
-            k[0] = ev.eval(times[0], y)
+            k[0] = ev.eval(times[0], y, self._rng(m, 0))
         X = [y]
         for i in range(1, s):
             if i == s - 1 and spec.fsal_at_y1 and not replay:
@@ -214,7 +289,7 @@ class ReverseSweep:
             X.append(Xi)
             if i < s - 1 or want_last:
                 reuse = i == s - 1 and carried and not replay and self.k1_next is not None
-                k[i] = self.k1_next if reuse else ev.eval(times[i], Xi)
+                k[i] = self.k1_next if reuse else ev.eval(times[i], Xi, self._rng(m, i))
         return X, k
 
     def _implicit_stages(self, m: int, y: torch.Tensor) -> tuple[list, list]:
@@ -235,6 +310,10 @@ class ReverseSweep:
                 return (X[-1], None)
             return (y + lincomb(None, step.dt.to(y.dtype), self.tab.b, k), None)
         _, k = self._slopes(m, y, k1, replay=True)
+        return self._step_end(m, y, k)
+
+    def _step_end(self, m: int, y: torch.Tensor, k: list) -> tuple:
+        """``(y_{m+1}, the carried slope or None)`` from step ``m``'s slopes."""
         y1 = lincomb(y, self.steps[m].h, self.tab.b, k)
         keep = self._carried(m) and self.rec.spec.keep_k1
         return (y1, k[-1] if keep else None)
@@ -248,7 +327,7 @@ class ReverseSweep:
         step = self.steps[m]
         h, times = step.h, self.times[m]
         need_t = rec.need_t
-        if rec.stages:
+        if rec.stages or ev.graph:
             X, k = list(state[0]), (list(state[1]) if state[1] else [None] * s)
         elif rec.spec.implicit:
             X, k = self._implicit_stages(m, state[0])
@@ -292,7 +371,7 @@ class ReverseSweep:
             kbar[s - 1] = add(kbar[s - 1], self.k1bar_next)
 
         def vjp(i: int, Xi: torch.Tensor, kb: torch.Tensor, carry: Any):
-            xb, tau = ev.vjp(times[i], Xi, kb)
+            xb, tau = ev.vjp(times[i], Xi, kb, self._rng(m, i))
             return xb, tau, carry
 
         if rec.spec.implicit:  # transposed stage solves; every k_1 is f(y_n) itself

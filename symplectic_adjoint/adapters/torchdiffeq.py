@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torchdiffeq
 
-from ._torch_adjoint import SolveStats, SymplecticFunction
+from ._torch_adjoint import SolveStats, SymplecticFunction, solve
+from ._torch_inputs import check_no_transform, check_time_options
 from ._torch_methods import ADAPTIVE_METHODS as ADAPTIVE_METHODS  # re-exported for tests
 from ._torch_methods import FIXED_METHODS, METHODS, OWN_METHODS, REFUSED_METHODS, SOLVERS
 from ._torch_record import Problem
@@ -81,9 +82,12 @@ def odeint(
             with ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method``,
             ``adjoint_options``, ``adjoint_params``; continuous adjoint, not exact).
         adjoint_params: tensors to differentiate besides ``y0`` and ``t``; default the
-            parameters of ``func`` when it is an ``nn.Module``, else none (a closure over
-            tensors must list them). A listed parameter ``func`` does not use gets a
-            zero gradient.
+            parameters of ``func`` when it is an ``nn.Module``. With ``"symplectic"`` the
+            tensors requiring grad that ``func`` reads are found by watching its first
+            evaluation (closures, plain attributes, ``functional_call`` weights, non-leaf
+            tensors of an upstream graph) and differentiated too, as backprop would; list
+            here what ``func`` reads only at later evaluations. A listed parameter
+            ``func`` does not use gets a zero gradient.
         checkpoint: what the forward pass keeps for the backward pass (symplectic):
             ``"states"`` keeps ``y_n`` for every accepted step (``N|y|``; the stages are
             recomputed without a graph, ``s-1`` evaluations per step); ``"stages"``
@@ -115,10 +119,25 @@ def odeint(
     interpolation returns the node's state itself, so (like torchdiffeq) no derivative
     of the interpolant is taken there.
 
+    What func may do (symplectic, DESIGN 3.5): the backward re-evaluates ``func`` with the
+    random numbers, autocast state and module state of the forward pass (BatchNorm
+    statistics end as after the forward alone). A ``func`` that draws random numbers
+    costs one generator state per stage and step (5 KiB each for the CPU generator);
+    a deterministic one costs nothing of the kind. With ``create_graph=True`` the first
+    derivative is differentiable (gradient penalties, Hessian-vector products); that
+    backward replays the trajectory with a graph and keeps the graphs of its VJPs, so it
+    needs memory like backprop's.
+
     Raises:
         ValueError: unknown ``adjoint``/``checkpoint``/``method``, non-Runge--Kutta
-            methods, ``t`` not 1-D and strictly monotone, tolerances requiring grad,
-            mismatched dtypes or devices, non-finite ``y0``.
+            methods, ``t`` not 1-D and strictly monotone, tolerances or ``step_t``/``jump_t``
+            requiring grad, mismatched dtypes or devices, non-finite ``y0``; ``func``
+            reading a tensor and one computed from it outside ``func``; inside
+            ``torch.func`` transforms (use ``adjoint="backprop"``).
+        RuntimeError (in the backward): a tensor ``func`` reads was changed in place after
+            the forward pass; ``func`` read a tensor requiring grad that its first
+            evaluation did not (list it in ``adjoint_params``); random draws that cannot
+            be replayed.
         FloatingPointError: the state became inf/nan during the solve (with the time).
     """
     if adjoint not in _ADJOINTS:
@@ -141,6 +160,8 @@ def odeint(
         )  # fmt: skip
 
     _check_checkpoint(checkpoint)
+    check_time_options(options)
+    check_no_transform()
     if not torch.is_floating_point(_first(y0)):
         raise ValueError(f"y0 must be real floating point, got {_first(y0).dtype}")
     shapes, wfunc, y0_flat, t_solver, rtol, atol, method, options, event_fn, reverse = check_inputs(
@@ -152,7 +173,10 @@ def odeint(
         event_fn=event_fn, checkpoint=checkpoint, sign=-1.0 if reverse else 1.0,
     )  # fmt: skip
     stats = stats if stats is not None else SolveStats()
-    out = SymplecticFunction.apply(problem, stats, y0_flat, t_solver, *params)
+    # Solved before the function is applied: what func reads becomes an input too.
+    need_t = torch.is_grad_enabled() and t_solver.requires_grad
+    solved = solve(problem, y0_flat, t_solver, need_t=need_t, listed=params)
+    out = SymplecticFunction.apply(solved, stats, y0_flat, t_solver, *solved.inputs.tensors)
     return _user_output(out, event=event_fn is not None, t=t_solver, reverse=reverse,
                         shapes=shapes)  # fmt: skip
 
