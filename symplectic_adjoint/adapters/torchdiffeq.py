@@ -68,11 +68,28 @@ def odeint(
         method: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"``,
             ``"adaptive_heun"``, ``"tsit5"`` (ours: Tsitouras 5(4) with its own dense
             output), or the fixed-grid ``"euler"``, ``"midpoint"``, ``"heun2"``,
-            ``"heun3"``, ``"rk4"`` (Kutta's 3/8 rule, as in torchdiffeq).
+            ``"heun3"``, ``"rk4"`` (Kutta's 3/8 rule, as in torchdiffeq). Implicit (stiff)
+            methods, with torchdiffeq's master-branch names: the fixed-grid
+            ``"implicit_euler"``, ``"implicit_midpoint"``, ``"trapezoid"``, ``"sdirk2"``,
+            ``"trbdf2"`` (DIRK), ``"gl4"``, ``"gl6"``, ``"radauIIA3"``, ``"radauIIA5"``
+            (fully implicit), and the adaptive ESDIRK ``"kvaerno3"``, ``"kvaerno4"``,
+            ``"kvaerno5"`` (diffrax's tableaux; cubic Hermite dense output). Their stage
+            equations are solved by Newton's method; the gradient is exact for the
+            converged stages (implicit function theorem), with one transposed linear
+            solve per implicit stage in the backward pass.
         options: the solver options: ``first_step``, ``step_t``, ``jump_t``,
             ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``,
             ``max_num_steps``, ``dtype``, ``norm`` (adaptive); ``step_size``,
             ``grid_constructor``, ``perturb``, ``interp="linear"|"cubic"`` (fixed grid).
+            Implicit methods also take ``newton_rtol``/``newton_atol`` (default
+            ``rtol/100``, ``atol/100``), ``max_newton_iters`` (default 20; alias
+            ``max_iters``), ``linear_solver="auto"|"dense"|"gmres"`` (dense Newton matrix
+            from ``torch.func.jacrev`` up to 1024 unknowns, else matrix-free GMRES on
+            Jacobian-vector products) and ``per_sample=True`` (``func`` acts on each row
+            of the leading batch dimension: block-diagonal Jacobians, never one of the
+            whole batch); a step whose Newton iteration does not converge raises
+            ``NewtonConvergenceError`` naming the step and the time (adaptive methods
+            first retry smaller steps).
         event_fn: ``event_fn(t, y)``; integrate until it crosses zero and return
             ``(event_t, solution)`` with ``solution = [y0, y(event_t)]``. ``event_t``
             carries no gradient here; use :func:`odeint_event` for that.
