@@ -105,8 +105,10 @@ def solve(
     """
     observer = FuncObserver(y0.device)
     autocast = autocast_state(y0.device)
+    cached = _parametrize_cache_keys()
     with torch.no_grad():
         out, rec, checkpoints = record_solve(problem, y0, t, need_t=need_t, observer=observer)
+    _check_parametrize_cache(cached)
     reads = observer.reads
     inputs = Inputs(listed, reads)
     inputs.record_versions()
@@ -127,6 +129,38 @@ def solve(
             "adjoint='backprop'"
         )
     return Solved(problem, out, rec, checkpoints, inputs, replay, refusal)
+
+
+def _parametrize_cache_keys() -> set | None:
+    """The keys of ``torch.nn.utils.parametrize``'s cache when ``cached()`` is active."""
+    from torch.nn.utils import parametrize
+
+    return (
+        set(parametrize._cache) if parametrize._cache_enabled and torch.is_grad_enabled() else None
+    )
+
+
+def _check_parametrize_cache(before: set | None) -> None:
+    """Refuse parametrized weights first computed (and cached) by the graph-free forward
+    solve inside ``parametrize.cached()``: the cached value has no graph, so its
+    parameters would silently get no gradient."""
+    if before is None:
+        return
+    from torch.nn.utils import parametrize
+
+    new = [k for k in parametrize._cache if k not in before]
+    if not new:
+        return
+    for k in new:  # computed without a graph: do not leave them for the caller's forward
+        parametrize._cache.pop(k, None)
+    raise ValueError(
+        f"func reads parametrized tensors ({', '.join(repr(k[1]) for k in new)}) inside "
+        "torch.nn.utils.parametrize.cached() that were first computed during odeint's "
+        "forward solve, which runs without a graph: the cache would keep a value without "
+        "a graph and the parametrization's parameters would get no gradient. Compute them "
+        "before calling odeint inside cached() (e.g. read module.weight once), call odeint "
+        "outside cached(), or use adjoint='backprop'."
+    )
 
 
 class SymplecticFunction(torch.autograd.Function):

@@ -196,6 +196,11 @@ class FuncObserver:
         mode = _ReadMode((ta, ya))
         with mode:
             out = base(ta, ya)
+        # A tensor requiring grad returned as it is (``return self.velocity``) passed
+        # through no torch function, so the mode did not see it: it is read all the same.
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in mode.own:
+                mode.grad.setdefault(id(x), x)
         after = self.tape.get()
         self.random = not RngTape.same(before, after)
         self.reads = Reads(list(mode.grad.values()), mode.mutated(), self.random)
@@ -320,6 +325,8 @@ class Inputs:
         of a non-leaf one is not followed)."""
         root = out.grad_fn
         if root is None:
+            if out.requires_grad and not any(out is x for x in own):
+                self._unknown_read(out)  # returned as it is: no graph to walk
             return
         known, nodes = self._leaf_ids, self._nodes
         a = b = None
@@ -332,6 +339,8 @@ class Inputs:
                 b = x
         # Once per VJP, so a plain loop with bound methods: ~3 us on the protocol MLP's
         # fresh graph, whose VJP takes 600-900 us.
+        if root in nodes:  # func returned an input computed upstream as it is
+            return
         stack, seen = [root], {root}
         pop, push, add = stack.pop, stack.append, seen.add
         while stack:
@@ -345,13 +354,18 @@ class Inputs:
                 leaf = node.variable
                 if leaf is a or leaf is b or id(leaf) in known:
                     continue
-                raise RuntimeError(
-                    f"func read a {describe(leaf)} that its first evaluation did not read (a "
-                    "data-dependent branch?), so the symplectic adjoint would lose its "
-                    "gradient. Pass it in adjoint_params, or make func read it at every "
-                    "evaluation. (A tensor created inside func with requires_grad=True also "
-                    "triggers this: create it without requires_grad.)"
-                )
+                self._unknown_read(leaf)
+
+    def _unknown_read(self, leaf: torch.Tensor) -> None:
+        if id(leaf) in self._leaf_ids:
+            return
+        raise RuntimeError(
+            f"func read a {describe(leaf)} that its first evaluation did not read (a "
+            "data-dependent branch?), so the symplectic adjoint would lose its "
+            "gradient. Pass it in adjoint_params, or make func read it at every "
+            "evaluation. (A tensor created inside func with requires_grad=True also "
+            "triggers this: create it without requires_grad.)"
+        )
 
 
 def autocast_state(device: torch.device) -> list[tuple[str, bool, torch.dtype]]:
