@@ -138,6 +138,33 @@ class _ReadMode(TorchFunctionMode):
         return list({**changed, **self.stats}.values())
 
 
+def _refuse_mutated_state(mode: _ReadMode) -> None:
+    """Refuse floating-point state that ``func`` changes in place at an evaluation.
+
+    The backward re-evaluates ``func`` with the state as it is then, not as each forward
+    evaluation saw it (a counter buffer, the power-iteration vector of
+    ``nn.utils.spectral_norm`` in train mode), so its gradient would silently differ
+    from backprop's. Running statistics of batch/instance norm are exempt: in training
+    mode the kernel writes them but does not read them (restored after the backward),
+    and integer counters (``num_batches_tracked``) never enter a gradient.
+    """
+    bad = [
+        x
+        for x in mode.mutated()
+        if x.is_floating_point() and not any(x is s for s in mode.stats.values())
+    ]
+    if bad:
+        shapes = ", ".join(str(tuple(x.shape)) for x in bad[:3])
+        raise ValueError(
+            f"func changed tensor state in place during an evaluation (shapes {shapes}), "
+            "e.g. a buffer updated at every call or nn.utils.spectral_norm in train mode: "
+            "adjoint='symplectic' re-evaluates func in the backward pass and cannot replay "
+            "that state, so its gradient would differ from backprop's. Update such state "
+            "outside func (after the solve), put the module in eval mode, or use "
+            "adjoint='backprop'"
+        )
+
+
 class RngTape:
     """The random generators ``func`` may draw from: the CPU one and, for a state on an
     accelerator, that device's (as ``torch.utils.checkpoint`` preserves them)."""
@@ -201,6 +228,7 @@ class FuncObserver:
         for x in tree_leaves(out):
             if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in mode.own:
                 mode.grad.setdefault(id(x), x)
+        _refuse_mutated_state(mode)
         after = self.tape.get()
         self.random = not RngTape.same(before, after)
         self.reads = Reads(list(mode.grad.values()), mode.mutated(), self.random)
