@@ -194,6 +194,12 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             init_state = eqx.tree_at(
                 lambda s: s.controller_state, init_state, controller_state, is_leaf=_is_none
             )
+        if event is not None:
+            # The event's bookkeeping (previous values, last step) only decides where the
+            # solve stops (no root finder: a discrete decision); it is not differentiated.
+            init_state = eqx.tree_at(
+                _event_fields, init_state, jax.lax.stop_gradient(_event_fields(init_state))
+            )
         # Everything the step grid is computed from travels in the differentiated argument.
         times = _Times(
             t0=t0,
@@ -232,7 +238,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
-            event=None,
+            event=event,  # without a root finder: a discrete stop, nothing to differentiate
         )
         out = only_transpose_ys(final_state)
         if saveat.dense:
@@ -260,6 +266,10 @@ class _Times(eqx.Module):
 
 
 _HOLE = object()  # placeholder for a field of the initial state passed separately
+
+
+def _event_fields(state) -> tuple:
+    return (state.event_tprev, state.event_tnext, state.event_dense_info, state.event_values)
 
 
 def _is_none(x: Any) -> bool:
@@ -319,8 +329,13 @@ def _check(*, terms, solver, event, saveat, max_steps):
             "on the number of steps, or use `adjoint=diffrax.RecursiveCheckpointAdjoint("
             "checkpoints=...)`."
         )
-    if event is not None:
-        raise NotImplementedError(f"`SymplecticAdjoint` does not support events: {_ALTERNATIVE}.")
+    if event is not None and event.root_finder is not None:
+        raise NotImplementedError(
+            "`SymplecticAdjoint` supports terminating events without a root finder only "
+            "(the solve stops at the end of the step where the event fired); "
+            "`Event(root_finder=...)` (the event time located inside the last step) is not "
+            f"supported yet: {_ALTERNATIVE}."
+        )
     if is_sde(terms):
         raise NotImplementedError(
             f"`SymplecticAdjoint` handles ordinary (and controlled) differential equations, "
