@@ -6,6 +6,8 @@
 * ``subs``: any PyTree of ``SubSaveAt``, each with its own ``t0/t1/ts/steps/fn``.
 * ``dense``: ``sol.evaluate(t)`` and ``sol.derivative(t)`` differentiated with respect to
   ``y0``, ``args``, the vector field's parameters, ``t0``/``t1`` and the query time.
+* terminating ``Event``s without a root finder (boolean and real-valued ``cond_fn``);
+  with a root finder they are refused at trace time (``tests/test_jax_errors.py``).
 
 Gradients with respect to the vector field's parameters, ``y0``, ``args`` and ``t0``,
 ``t1`` (output times built from them). The default cases compile one program pair
@@ -191,11 +193,11 @@ def _real_event(t, y, args, **kwargs):
 
 EVENTS = [
     ("bool", _bool_event, diffrax.Tsit5(), CONST),
-    ("real", _real_event, diffrax.Dopri5(), PID),
+    pytest.param("real", _real_event, diffrax.Dopri5(), PID, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("name, cond_fn, solver, controller", EVENTS, ids=[e[0] for e in EVENTS])
+@pytest.mark.parametrize("name, cond_fn, solver, controller", EVENTS, ids=["bool", "real"])
 def test_terminating_event(name, cond_fn, solver, controller):
     # No root finder: the solve stops at the end of the step where the event fired.
     field, y0, args = make_problem()
@@ -222,14 +224,3 @@ def test_terminating_event(name, cond_fn, solver, controller):
     for a, b in zip(g, g_ref, strict=True):
         assert nonzero(b)
         assert relerr(a, b) <= 1e-10
-
-
-def test_event_root_finder_refused():
-    optx = pytest.importorskip("optimistix")
-    field, y0, args = make_problem()
-    event = diffrax.Event(_real_event, root_finder=optx.Newton(rtol=1e-8, atol=1e-8))
-    with pytest.raises(NotImplementedError, match="RecursiveCheckpointAdjoint"):
-        diffrax.diffeqsolve(
-            diffrax.ODETerm(field), diffrax.Tsit5(), 0.0, 1.0, 0.1, y0, args,
-            adjoint=SymplecticAdjoint(), event=event, max_steps=16,
-        )  # fmt: skip

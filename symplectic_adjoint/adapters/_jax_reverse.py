@@ -7,7 +7,10 @@ For the accepted steps ``n = N-1, ..., 0`` (a ``lax.while_loop``), with
    value is ``y_{n+1}`` (adds to ``lam``); a ``SaveAt(ts=...)`` value is diffrax's
    interpolant ``I(t; y_n, y_{n+1}, K)``, linear in ``(y_n, y_{n+1}, K)``, so its VJP
    adds to ``lam``, to the cotangent of ``y_n`` and to each ``kbar_i``, and gives
-   ``dL/dt`` for the output time -- no vector-field call.
+   ``dL/dt`` for the output time -- no vector-field call. A save function
+   ``fn(t, y, args)`` (``SaveAt(fn=...)``, per ``SubSaveAt``) is differentiated at the
+   saved ``(t, y)``; dense output's per-step ``(y0, y1, k)`` cotangents add to the same
+   three places, and its times' to the step's ends.
 2. The stage increments ``K_i = term.vf_prod(t_i, X_i, args, term.contr(t_n, t_{n+1}))``
    are recomputed from ``y_n`` (``checkpoint="states"``) or read back
    (``checkpoint="stages"``). diffrax's increments already contain the step, so the

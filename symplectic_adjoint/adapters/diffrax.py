@@ -86,8 +86,13 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     over any `AbstractPath` (e.g. `CubicInterpolation`, `LinearInterpolation`, with a
     `lineax` operator such as `DiagonalLinearOperator`), `MultiTerm` of them;
     `ConstantStepSize`, `StepTo` and `PIDController` (with `step_ts`/`jump_ts`, with or
-    without `dt0`); `SaveAt(t0=..., t1=..., ts=..., steps=...)` with a single `SubSaveAt`
-    and the default `fn`; `jax.jit`, `jax.vmap` on either side of `jax.grad`.
+    without `dt0`); `SaveAt(t0=..., t1=..., ts=..., steps=..., fn=...)`, any PyTree of
+    `SubSaveAt` (`SaveAt(subs=...)`, each with its own times and `fn`), and
+    `SaveAt(dense=True)` (`sol.evaluate(t)`, `sol.derivative(t)`); terminating
+    `diffrax.Event(cond_fn)` without a root finder (boolean or real-valued `cond_fn`: the
+    solve stops at the end of the step where it fired, a discrete decision that is not
+    differentiated, as `RecursiveCheckpointAdjoint` does); `jax.jit`, `jax.vmap` on
+    either side of `jax.grad`.
 
     **Gradients** with respect to `y0`, `args` (any PyTree), the inexact arrays inside
     `terms` (the parameters of an `eqx.Module` vector field, and a control path's data:
@@ -105,6 +110,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     (JAX raises `CustomVJPException`), nor a `solver_state`/`controller_state` passed to
     `diffeqsolve`.
 
+    A save function `fn(t, y, args)` is differentiated at each saved `(t, y, args)` (for
+    `ts`, at the interpolated state), including the arrays it closes over (it is
+    closure-converted). Dense output's buffers (each step's `y0`, `y1` and stage
+    increments, and the step times) take their cotangents into that step's reverse
+    recursion with no extra vector-field call, so `sol.evaluate(t)` and
+    `sol.derivative(t)` are differentiable in `y0`, `args`, the terms, the grid times and
+    the query time `t`.
+
     **Implicit** (`ImplicitEuler`, `Kvaerno3/4/5`) and IMEX (`KenCarp3/4/5` on
     `MultiTerm(explicit, implicit)`) solvers with `checkpoint="states"`/`"stages"`: the
     exact adjoint of the stage equations as solved (implicit function theorem), one
@@ -115,9 +128,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
 
     **Refused** at trace time, naming the alternative (`RecursiveCheckpointAdjoint`):
     other implicit/IMEX solvers, SDE solvers, `HalfSolver` and other wrapped solvers,
-    events, `SaveAt(dense=True)`, `SaveAt(fn=...)`, `SaveAt(subs=...)` and
-    `max_steps=None`. Only diffrax 0.7.2 is supported (its internals are used): another
-    version raises `ImportError` at import.
+    events with a root finder (`Event(cond_fn, root_finder=...)`) and `max_steps=None`.
+    Only diffrax 0.7.2 is supported (its internals are used): another version raises
+    `ImportError` at import.
 
     **Checkpoint modes** (the same values as the PyTorch adapter's `checkpoint`; ``N``
     accepted steps, ``s`` stages, ``|y|`` the state size):
