@@ -83,12 +83,13 @@ def test_refused_sde():
     [
         (dict(max_steps=None), ValueError, "max_steps=None.*checkpoints"),
         (
-            # Events are supported without a root finder only.
+            # Root-finder events are supported without `steps`/`dense` saves only.
             dict(
                 event=diffrax.Event(
                     lambda t, y, args, **kw: y[0] - 0.5,
                     root_finder=optx.Newton(rtol=1e-8, atol=1e-8),
-                )
+                ),
+                saveat=diffrax.SaveAt(steps=True),
             ),
             NotImplementedError,
             "root_finder.*RecursiveCheckpointAdjoint",

@@ -6,8 +6,8 @@
 * ``subs``: any PyTree of ``SubSaveAt``, each with its own ``t0/t1/ts/steps/fn``.
 * ``dense``: ``sol.evaluate(t)`` and ``sol.derivative(t)`` differentiated with respect to
   ``y0``, ``args``, the vector field's parameters, ``t0``/``t1`` and the query time.
-* terminating ``Event``s without a root finder (boolean and real-valued ``cond_fn``);
-  with a root finder they are refused at trace time (``tests/test_jax_errors.py``).
+* terminating ``Event``s (boolean and real-valued ``cond_fn``), without and with a root
+  finder (``optimistix.Newton``: the event time by root finding inside the last step).
 
 Gradients with respect to the vector field's parameters, ``y0``, ``args`` and ``t0``,
 ``t1`` (output times built from them). The default cases compile one program pair
@@ -191,35 +191,61 @@ def _real_event(t, y, args, **kwargs):
     return jnp.sum(y**2) - 1.3
 
 
+def _newton():
+    optx = pytest.importorskip("optimistix")
+    return optx.Newton(rtol=1e-12, atol=1e-12)
+
+
+def _real_event_args(t, y, args, **kwargs):
+    return jnp.sum(y**2) - 1.3 * args[1]  # reads args: their gradient through t*
+
+
 EVENTS = [
-    ("bool", _bool_event, diffrax.Tsit5(), CONST),
-    pytest.param("real", _real_event, diffrax.Dopri5(), PID, marks=pytest.mark.slow),
+    pytest.param("bool", _bool_event, None, diffrax.Tsit5(), CONST, marks=pytest.mark.slow),
+    pytest.param("real", _real_event, None, diffrax.Dopri5(), PID, marks=pytest.mark.slow),
+    ("real-newton", _real_event_args, "newton", diffrax.Tsit5(), CONST),
+    pytest.param(
+        "bool-newton", _bool_event, "newton", diffrax.Dopri5(), PID, marks=pytest.mark.slow
+    ),
+    pytest.param(
+        "real-newton-pid", _real_event, "newton", diffrax.Bosh3(), PID, marks=pytest.mark.slow
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, cond_fn, solver, controller", EVENTS, ids=["bool", "real"])
-def test_terminating_event(name, cond_fn, solver, controller):
-    # No root finder: the solve stops at the end of the step where the event fired.
+@pytest.mark.parametrize(
+    "name, cond_fn, root_finder, solver, controller",
+    EVENTS,
+    ids=["bool", "real", "real-newton", "bool-newton", "real-newton-pid"],
+)
+def test_terminating_event(name, cond_fn, root_finder, solver, controller):
+    # Without a root finder the solve stops at the end of the step where the event fired;
+    # with one, at the root t* inside that step (the final value is the interpolant at
+    # t*; t*'s gradient by the implicit function theorem, as RCA's through optimistix).
     field, y0, args = make_problem()
     x = (field, y0, args, jnp.asarray(0.1), jnp.asarray(1.3))
+    event = diffrax.Event(cond_fn, root_finder=None if root_finder is None else _newton())
     out = []
     for adjoint in (SymplecticAdjoint(), RCA):
 
         def loss(diff, adjoint=adjoint):
             field, y0, args, t0, t1 = diff
+            ts = t0 + (t1 - t0) * FRACS
+            saveat = diffrax.SaveAt(
+                subs=[diffrax.SubSaveAt(t1=True, ts=ts, fn=fn_t), diffrax.SubSaveAt(t1=True)]
+            )
             sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(field), solver, t0, t1, 0.1, y0, args,
-                saveat=diffrax.SaveAt(t1=True, ts=t0 + (t1 - t0) * FRACS, fn=fn_t),
-                stepsize_controller=controller, adjoint=adjoint, max_steps=24,
-                event=diffrax.Event(cond_fn),
+                diffrax.ODETerm(field), solver, t0, t1, 0.1, y0, args, saveat=saveat,
+                stepsize_controller=controller, adjoint=adjoint, max_steps=48, event=event,
             )  # fmt: skip
-            value = jnp.sum(_finite(sol.ys) ** 2)
-            return value, (jnp.max(_finite(sol.ts)), sol.result == diffrax.RESULTS.event_occurred)
+            value = sum(jnp.sum(_finite(x) ** 2) for x in sol.ys)
+            return value, (sol.ts[1][-1], sol.result == diffrax.RESULTS.event_occurred)
 
         f = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
         out.append(f(x))
-    ((v, (t_end, fired)), g), ((v_ref, _), g_ref) = out
+    ((v, (t_end, fired)), g), ((v_ref, (t_end_ref, _)), g_ref) = out
     assert bool(fired) and float(t_end) < 1.3  # the event stopped the solve
+    assert float(t_end) == float(t_end_ref)
     assert abs(float(v - v_ref)) <= 1e-12 * abs(float(v_ref))
     for a, b in zip(g, g_ref, strict=True):
         assert nonzero(b)

@@ -149,6 +149,7 @@ def reverse_sweep(
     dtimes: Any = None,
     implicit: Any = None,
     save_y: Any = None,
+    event: Any = None,
 ) -> tuple[Any, Any, Any, Any, Any, Any]:
     """Cotangents of ``(y0, args, terms, saveat ts)`` from those of the saved outputs.
 
@@ -170,6 +171,13 @@ def reverse_sweep(
             ``(tprev_n, tnext_n)`` in ``D`` directions (the perturbed time inputs), or
             ``None`` when no time input is differentiated.
         save_y: diffrax's default save function (``fn`` is skipped for it).
+        event: ``(cond_fn, happened, saved_ts, cond_kwargs)`` for a terminating event
+            with a root finder (else ``None``): the event time ``t*`` solves
+            ``g(t*) = 0`` inside the last step (``g`` = ``cond_fn`` of the interpolated
+            state, or ``t_{N} - t`` for a boolean ``cond_fn``); the final value is the
+            interpolant at ``t*``, and ``t*``'s cotangent goes by the implicit function
+            theorem to everything ``g`` reads. ``saved_ts`` (the final save times per
+            output) tells which slots were deleted after the event time.
 
     Returns:
         ``(y0_bar, args_bar, terms_bar, ts_bars, dir_bar, t0_bar, fn_bars)``; ``args_bar`` and
@@ -198,7 +206,7 @@ def reverse_sweep(
 
     # Whether any output is interpolated inside a step (or stored as dense output): only
     # then do the increments K_i and y_n get output cotangents.
-    reads_k = dense_bar is not None or any(o.ts is not None for o in outputs)
+    reads_k = dense_bar is not None or event is not None or any(o.ts is not None for o in outputs)
 
     # The save functions' own arrays (closure-converted: what they close over) are
     # differentiated like `args`.
@@ -242,6 +250,8 @@ def reverse_sweep(
         t_final = jnp.where(
             num_steps > 0, checkpoints.record.tnext[jnp.maximum(num_steps - 1, 0)], t0
         )
+        if event is not None:
+            pred = pred & ~event[1]  # else the value at the event time (below)
         out_bar = _mask(pred, _at(out.ybar, index))
         tb, yb, ab = fn_vjp(q, t_final, y_final, out_bar)
         lam = _tree_add(lam, yb)
@@ -327,7 +337,12 @@ def reverse_sweep(
 
                 def out_body(carry, q=q, ts=ts, save_before=save_before, ts_before=ts_before):
                     j, y0b, y1b, kb, tsb, tpair, acc = carry
-                    out_bar = _at(outputs[q].ybar, save_before + (j - ts_before))
+                    slot = save_before + (j - ts_before)
+                    out_bar = _at(outputs[q].ybar, slot)
+                    if event is not None:
+                        # Deleted after the event time (inf), or overwritten by the final
+                        # value: the slot no longer holds this output.
+                        out_bar = _mask(event[2][q][slot] == ts[j], out_bar)
                     tb, d0, d1, dk, dtp, dtn, da = interp_vjp(
                         q, ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked
                     )
@@ -348,14 +363,19 @@ def reverse_sweep(
             if has_k:
                 kb = _tree_add(kb, info["k"])
             t_after = t_after + dts_bar[n + 1]
+        if ev_extra is not None:
+            last, ey0, ek, epair = ev_extra
+            here = n == last
+            y0b = _tree_add(y0b, _mask(here, ey0))
+            kb = _tree_add(kb, _mask(here, ek))
+            t_pair = t_pair + jnp.where(here, epair, 0.0)
         lam = _tree_add(lam, y1b)
         # Structural zeros stay None, so stages nobody reads are skipped (FSAL stages).
         k_extra = [ω(_at(kb, i)) for i in range(s)] if has_k and reads_k else None
         return acc, (y0b if reads_k else None), k_extra, ts_bars, t_pair, t_after, lam
 
-    def step_adjoint(n, y_n, lam, acc, ts_bars):
-        acc, dir_bar = acc  # acc = ((args_bar, terms_bar), fn_bars)
-        acc, fn_bars = acc
+    def stages(n, y_n):
+        """The increments ``K_i`` and stage inputs ``X_i`` of step ``n`` from ``y_n``."""
         tprev, tnext, control, times = step_data(n)
 
         def vf_prod(i, X):
@@ -374,7 +394,65 @@ def reverse_sweep(
         else:
             for i in range(s):
                 X.append(stage_input(tableau, i, ω(y_n), 1, [ω(k) for k in ks]).ω)
+        return ks, X
 
+    ev_extra = None
+    t1_outs = [q for q, o in enumerate(outputs) if o.t1_slot is not None]
+    if event is not None and t1_outs:
+        cond_fn, happened, saved_ts, cond_kwargs = event
+        last = jnp.maximum(num_steps - 1, 0)
+        y_l, y_l1 = checkpoints.state(last), checkpoints.next_state(last)
+        ks_l, _ = stages(last, y_l)
+        k_l = jtu.tree_map(lambda *xs: jnp.stack(xs), *ks_l)
+        tp_l, tn_l = checkpoints.record.tprev[last], checkpoints.record.tnext[last]
+        q0 = t1_outs[0]
+        t_star = saved_ts[q0][outputs[q0].t1_slot[0]]
+
+        def interp_at(t, y0, y1, k, tp, tn):
+            info = dict(y0=y0, y1=y1, k=k) if has_k else dict(y0=y0, y1=y1)
+            return interpolation_cls(t0=tp, t1=tn, **info).evaluate(t)
+
+        primals = (t_star, y_l, y_l1, k_l, tp_l, tn_l)
+        y_star, interp_pull = jax.vjp(interp_at, *primals)
+        t_bar, y_star_bar = zero_t, jtu.tree_map(jnp.zeros_like, y_star)
+        for q in t1_outs:
+            out_bar = _mask(happened, _at(outputs[q].ybar, outputs[q].t1_slot[0]))
+            tb, yb, ab = fn_vjp(q, t_star, y_star, out_bar)
+            t_bar, y_star_bar = t_bar + tb, _tree_add(y_star_bar, yb)
+            acc0 = add_args(acc0, q, ab)
+        tI, d0, d1, dk, dtp, dtn = interp_pull(y_star_bar)
+        t_bar = t_bar + tI
+        is_bool = jnp.issubdtype(
+            jax.eval_shape(lambda: cond_fn(t=t_star, y=y_star, args=args, **cond_kwargs)).dtype,
+            jnp.bool_,
+        )
+
+        def g(t, y0, y1, k, tp, tn, dargs):
+            if is_bool:  # the root is the end of the last step
+                return tn - t
+            y = interp_at(t, y0, y1, k, tp, tn)
+            return cond_fn(t=t, y=y, args=eqx.combine(dargs, static_args), **cond_kwargs)
+
+        # Implicit function theorem: dt*/dtheta = -g_theta / g_t at the root found.
+        g_t = jax.grad(g)(*primals, diff_args)
+        _, g_pull = jax.vjp(g, *primals, diff_args)
+        _, e0, e1, ek, etp, etn, eargs = g_pull(
+            jnp.where(happened, -t_bar / g_t, 0.0).astype(jnp.result_type(g_t))
+        )
+        lam = _tree_add(lam, _tree_add(d1, e1))
+        acc0 = ((_tree_add(acc0[0][0], eargs), acc0[0][1]), acc0[1])
+        ev_extra = (
+            last,
+            _tree_add(d0, e0),
+            _tree_add(dk, ek) if has_k else None,
+            jnp.stack([dtp + etp, dtn + etn]),
+        )
+
+    def step_adjoint(n, y_n, lam, acc, ts_bars):
+        acc, dir_bar = acc  # acc = ((args_bar, terms_bar), fn_bars)
+        acc, fn_bars = acc
+        tprev, tnext, control, times = step_data(n)
+        ks, X = stages(n, y_n)
         (acc, fn_bars), y0_extra, k_extra, ts_bars, t_pair, t_after, lam = step_outputs(
             n, y_n, ks, lam, (acc, fn_bars), ts_bars
         )

@@ -194,7 +194,12 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         progress_meter,
     ):
         tableau = _check(
-            terms=terms, solver=solver, event=event, saveat=saveat, max_steps=max_steps
+            terms=terms,
+            solver=solver,
+            event=event,
+            saveat=saveat,
+            max_steps=max_steps,
+            checkpoint=self.checkpoint,
         )
         _implicit_kernel(self, tableau, solver, terms)  # refuses what it cannot do
         controller_state = init_state.controller_state
@@ -333,7 +338,7 @@ def _ode_terms_only(terms: Any) -> bool:
     return isinstance(terms, diffrax.ODETerm)
 
 
-def _check(*, terms, solver, event, saveat, max_steps):
+def _check(*, terms, solver, event, saveat, max_steps, checkpoint="states"):
     """Refuse what the adjoint cannot do, at trace time; return the solver's tableau."""
     if max_steps is None:
         raise ValueError(
@@ -343,12 +348,19 @@ def _check(*, terms, solver, event, saveat, max_steps):
             "checkpoints=...)`."
         )
     if event is not None and event.root_finder is not None:
-        raise NotImplementedError(
-            "`SymplecticAdjoint` supports terminating events without a root finder only "
-            "(the solve stops at the end of the step where the event fired); "
-            "`Event(root_finder=...)` (the event time located inside the last step) is not "
-            f"supported yet: {_ALTERNATIVE}."
-        )
+        if (
+            not callable(event.cond_fn)
+            or saveat.dense
+            or any(sub.steps for sub in _subs(saveat))
+            or not isinstance(checkpoint, str)
+            or isinstance(solver, diffrax.AbstractImplicitSolver)
+        ):
+            raise NotImplementedError(
+                "`SymplecticAdjoint` supports `Event(cond_fn, root_finder=...)` with a single "
+                "`cond_fn`, explicit solvers, `checkpoint='states'`/'stages' and "
+                "`SaveAt(t0/t1/ts/fn/subs)` (no `steps`, no `dense`); for this combination "
+                f"{_ALTERNATIVE}, or an event without a root finder."
+            )
     if is_sde(terms):
         raise NotImplementedError(
             f"`SymplecticAdjoint` handles ordinary (and controlled) differential equations, "
@@ -509,6 +521,8 @@ def _loop_symplectic_fwd(perturbed, diff, **kwargs):
         dense_struct,
         final_state.y,
         dtimes,
+        final_state.event_mask,
+        [st.ts for st in states],
     )
     return (final_state, aux_stats), residuals
 
@@ -526,8 +540,17 @@ def _loop_symplectic_bwd(
     saveat,
     **kwargs,
 ):
-    del kwargs
-    record, num_steps, final_save_index, ys_struct, dense_struct, y_final, dtimes = residuals
+    (
+        record,
+        num_steps,
+        final_save_index,
+        ys_struct,
+        dense_struct,
+        y_final,
+        dtimes,
+        event_mask,
+        saved_ts,
+    ) = residuals
     y, args, terms, ts, times, fns = diff
     grad_final_state, _ = grad_final_state__aux_stats
     subs = _subs(saveat)
@@ -576,6 +599,7 @@ def _loop_symplectic_bwd(
         dtimes=dtimes,
         implicit=_implicit_kernel(self, tableau, solver),
         save_y=save_y,
+        event=_root_event(kwargs, event_mask, saved_ts, terms, solver, saveat, times),
     )
     # Cotangents of the perturbed time inputs, from those of the directions.
     leaves, treedef, which = _perturbed_times(times, perturbed[4])
@@ -590,6 +614,24 @@ def _loop_symplectic_bwd(
         bars[0] = bars[0] + t0_bar.astype(bars[0].dtype)
     times_bar = jtu.tree_unflatten(treedef, bars)
     return y_bar, args_bar, terms_bar, ts_bars, times_bar, fn_bars
+
+
+def _root_event(kwargs, event_mask, saved_ts, terms, solver, saveat, times):
+    """What the reverse sweep needs of a terminating event with a root finder."""
+    event = kwargs.get("event")
+    if event is None or event.root_finder is None:
+        return None
+    cond_kwargs = dict(
+        terms=terms,
+        solver=solver,
+        t0=times.t0,
+        t1=times.t1,
+        dt0=times.dt0,
+        saveat=saveat,
+        stepsize_controller=times.controller,
+        max_steps=kwargs["max_steps"],
+    )
+    return event.cond_fn, jnp.asarray(event_mask), saved_ts, cond_kwargs
 
 
 def _materialise(struct: Any, bar: Any) -> Any:
