@@ -89,10 +89,13 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     without `dt0`); `SaveAt(t0=..., t1=..., ts=..., steps=..., fn=...)`, any PyTree of
     `SubSaveAt` (`SaveAt(subs=...)`, each with its own times and `fn`), and
     `SaveAt(dense=True)` (`sol.evaluate(t)`, `sol.derivative(t)`); terminating
-    `diffrax.Event(cond_fn)` without a root finder (boolean or real-valued `cond_fn`: the
-    solve stops at the end of the step where it fired, a discrete decision that is not
-    differentiated, as `RecursiveCheckpointAdjoint` does); `jax.jit`, `jax.vmap` on
-    either side of `jax.grad`.
+    `diffrax.Event(cond_fn)` (boolean or real-valued): without a root finder the solve
+    stops at the end of the step where it fired (a discrete decision); with one (e.g.
+    `optimistix.Newton`; a single `cond_fn`, no `steps`/`dense` saves, explicit solvers,
+    `checkpoint="states"`/`"stages"`) at the root `t*` inside that step, the final value
+    being the interpolant at `t*` and `t*`'s gradient the implicit-function-theorem one
+    that `RecursiveCheckpointAdjoint` gets through optimistix; `jax.jit`, `jax.vmap` on
+    either side of `jax.grad`. `sol.ts` is not differentiated (use the times you passed).
 
     **Gradients** with respect to `y0`, `args` (any PyTree), the inexact arrays inside
     `terms` (the parameters of an `eqx.Module` vector field, and a control path's data:
@@ -128,7 +131,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
 
     **Refused** at trace time, naming the alternative (`RecursiveCheckpointAdjoint`):
     other implicit/IMEX solvers, SDE solvers, `HalfSolver` and other wrapped solvers,
-    events with a root finder (`Event(cond_fn, root_finder=...)`) and `max_steps=None`.
+    root-finder events outside the combination above and `max_steps=None`.
     Only diffrax 0.7.2 is supported (its internals are used): another version raises
     `ImportError` at import.
 
