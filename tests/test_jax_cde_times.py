@@ -92,20 +92,20 @@ def _cde_grad(mlp, data, y0, *, kind, solver, adjoint):
     return eqx.filter_value_and_grad(loss, has_aux=True)((mlp, data, y0))
 
 
+# Unmarked: one case per term kind (the multi case holds a cubic path); the rest slow.
+_SLOW = pytest.mark.slow
 CDE_CASES = [
-    ("cubic", diffrax.Heun()),
-    ("cubic", diffrax.Dopri5()),
-    ("linear", diffrax.Midpoint()),
-    ("multi", diffrax.Ralston()),
-    ("multi", diffrax.Bosh3()),
-    ("diagonal", diffrax.Euler()),
-    ("diagonal", diffrax.Dopri8()),
+    pytest.param("cubic", diffrax.Heun(), marks=_SLOW, id="cubic-Heun"),
+    pytest.param("cubic", diffrax.Dopri5(), marks=_SLOW, id="cubic-Dopri5"),
+    pytest.param("linear", diffrax.Midpoint(), id="linear-Midpoint"),
+    pytest.param("multi", diffrax.Ralston(), marks=_SLOW, id="multi-Ralston"),
+    pytest.param("multi", diffrax.Bosh3(), id="multi-Bosh3"),
+    pytest.param("diagonal", diffrax.Euler(), id="diagonal-Euler"),
+    pytest.param("diagonal", diffrax.Dopri8(), marks=_SLOW, id="diagonal-Dopri8"),
 ]
 
 
-@pytest.mark.parametrize(
-    "kind, solver", CDE_CASES, ids=[f"{k}-{type(s).__name__}" for k, s in CDE_CASES]
-)
+@pytest.mark.parametrize("kind, solver", CDE_CASES)
 def test_terms_and_control_data(kind, solver):
     mlp = make_mlp()
     common = dict(kind=kind, solver=solver)
@@ -141,20 +141,21 @@ PID = diffrax.PIDController(rtol=1e-6, atol=1e-6)
 PID_JUMPS = diffrax.PIDController(
     rtol=1e-6, atol=1e-6, jump_ts=jnp.array([0.5, 0.9]), step_ts=jnp.array([0.3])
 )
+# Unmarked: ConstantStepSize (t0, t1, dt0) and StepTo (its ts); PIDController with
+# jump_ts/step_ts is covered unmarked by the vmap test below; the rest slow.
 TIME_CASES = [
-    ("constant", diffrax.ConstantStepSize(), "ts", diffrax.Tsit5(), True),
-    ("stepto", "stepto", "ts", diffrax.Bosh3(), False),
-    ("pid", PID, "ts", diffrax.Dopri5(), True),
-    ("pid-dt0-none", PID, "t1", diffrax.Tsit5(), False),
-    ("pid-jumps", PID_JUMPS, "ts", diffrax.Tsit5(), True),
-]
+    pytest.param("constant", diffrax.ConstantStepSize(), "ts", diffrax.Tsit5(), True,
+                 id="constant-ts-Tsit5"),
+    pytest.param("stepto", "stepto", "ts", diffrax.Bosh3(), False, id="stepto-ts-Bosh3"),
+    pytest.param("pid", PID, "ts", diffrax.Dopri5(), True, marks=_SLOW, id="pid-ts-Dopri5"),
+    pytest.param("pid-dt0-none", PID, "t1", diffrax.Tsit5(), False, marks=_SLOW,
+                 id="pid-dt0-none-t1-Tsit5"),
+    pytest.param("pid-jumps", PID_JUMPS, "ts", diffrax.Tsit5(), True, marks=_SLOW,
+                 id="pid-jumps-ts-Tsit5"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "name, controller, saveat_kind, solver, use_dt0",
-    TIME_CASES,
-    ids=[f"{c[0]}-{c[2]}-{type(c[3]).__name__}" for c in TIME_CASES],
-)
+@pytest.mark.parametrize("name, controller, saveat_kind, solver, use_dt0", TIME_CASES)
 def test_time_gradients(name, controller, saveat_kind, solver, use_dt0):
     argnums = (0, 1, 2, 3) if use_dt0 else (0, 1, 3)
     x = (jnp.asarray(0.1), jnp.asarray(1.3), jnp.asarray(0.1), Y0)

@@ -6,6 +6,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 diffrax = pytest.importorskip("diffrax")
+optx = pytest.importorskip("optimistix")
 
 import jax.numpy as jnp  # noqa: E402
 
@@ -80,25 +81,21 @@ def test_refused_sde():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(saveat=diffrax.SaveAt(dense=True)), NotImplementedError, "dense.*SaveAt\\(ts"),
-        (
-            dict(saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, a: y[0])),
-            NotImplementedError,
-            "fn=.*RecursiveCheckpointAdjoint",
-        ),
-        (
-            dict(saveat=diffrax.SaveAt(subs=[diffrax.SubSaveAt(t1=True)] * 2)),
-            NotImplementedError,
-            "subs",
-        ),
         (dict(max_steps=None), ValueError, "max_steps=None.*checkpoints"),
         (
-            dict(event=diffrax.Event(lambda t, y, args, **kw: y[0] < 0.5)),
+            # Root-finder events are supported without `steps`/`dense` saves only.
+            dict(
+                event=diffrax.Event(
+                    lambda t, y, args, **kw: y[0] - 0.5,
+                    root_finder=optx.Newton(rtol=1e-8, atol=1e-8),
+                ),
+                saveat=diffrax.SaveAt(steps=True),
+            ),
             NotImplementedError,
-            "events.*RecursiveCheckpointAdjoint",
+            "root_finder.*RecursiveCheckpointAdjoint",
         ),
     ],
-    ids=["dense", "fn", "subs", "max_steps_none", "event"],
+    ids=["max_steps_none", "event_root_finder"],
 )
 def test_refused_options(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -45,6 +45,7 @@ from diffrax._adjoint import (  # noqa: E402
     _outer_loop as outer_loop,
 )
 from diffrax._heuristics import is_sde  # noqa: E402
+from diffrax._integrate import SaveState  # noqa: E402
 from diffrax._saveat import save_y  # noqa: E402
 from diffrax._term import WrapTerm  # noqa: E402  (diffeqsolve's direction wrapper)
 from equinox.internal import ω  # noqa: E402
@@ -53,6 +54,7 @@ while_loop = eqxi.while_loop
 
 __all__ = [
     "WrapTerm",
+    "SaveState",
     "SUPPORTED_DIFFRAX",
     "check_diffrax_version",
     "inner_loop",

@@ -34,9 +34,9 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PyTree, Shaped
 
 from ..core.tableau import ButcherTableau
-from ._diffrax_compat import while_loop
+from ._diffrax_compat import SaveState, while_loop
 
-__all__ = ["Record", "StageKeepingSolver", "core_tableau", "recording_loops"]
+__all__ = ["Record", "StageKeepingSolver", "core_tableau", "recording_loops", "save_states"]
 
 _ALTERNATIVE = "use `adjoint=diffrax.RecursiveCheckpointAdjoint()` instead"
 
@@ -163,27 +163,41 @@ class Record(eqx.Module):
     ys: PyTree[Shaped[Array, "S ..."]]  # noqa: F722
     tprev: Float[Array, " M"]  # noqa: F722
     tnext: Float[Array, " M"]  # noqa: F722
-    save_before: Int[Array, " M"]  # noqa: F722
-    save_after: Int[Array, " M"]  # noqa: F722
-    ts_before: Int[Array, " M"]  # noqa: F722
-    ts_after: Int[Array, " M"]  # noqa: F722
+    save_before: Int[Array, "M subs"]  # noqa: F722
+    save_after: Int[Array, "M subs"]  # noqa: F722
+    ts_before: Int[Array, "M subs"]  # noqa: F722
+    ts_after: Int[Array, "M subs"]  # noqa: F722
     ks: PyTree[Shaped[Array, "M s ..."]] | None  # noqa: F722
 
 
 def _save_index(save_state) -> tuple[Any, Any]:
-    # A single SubSaveAt (checked by the adjoint): its SaveState is the whole tree.
-    return jnp.asarray(save_state.save_index), jnp.asarray(save_state.saveat_ts_index)
+    # One column per SubSaveAt, in the order of `jtu.tree_leaves(saveat.subs)` (diffrax
+    # maps its save functions over the subs and the save states together).
+    states = save_states(save_state)
+    save = [jnp.asarray(s.save_index, jnp.int32) for s in states]
+    ts = [jnp.asarray(s.saveat_ts_index, jnp.int32) for s in states]
+    if not states:
+        empty = jnp.zeros(0, jnp.int32)
+        return empty, empty
+    return jnp.stack(save), jnp.stack(ts)
+
+
+def save_states(save_state) -> list:
+    """The ``SaveState`` of every ``SubSaveAt``, in ``jtu.tree_leaves(saveat.subs)`` order."""
+    is_state = lambda x: isinstance(x, SaveState)  # noqa: E731
+    return [x for x in jtu.tree_leaves(save_state, is_leaf=is_state) if is_state(x)]
 
 
 def _empty_record(init_state, max_steps: int, k_struct, keep_states: bool) -> Record:
     y0 = init_state.y
+    n_subs = len(save_states(init_state.save_state))
     time_dtype = jnp.result_type(init_state.tprev)
     n_states = max_steps + 1 if keep_states else 1
     ys = jtu.tree_map(
         lambda x: jnp.zeros((n_states, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
     )
     zeros_t = jnp.zeros(max_steps, time_dtype)
-    zeros_i = jnp.zeros(max_steps, jnp.int32)
+    zeros_i = jnp.zeros((max_steps, n_subs), jnp.int32)
     ks = None
     if k_struct is not None:
         ks = jtu.tree_map(lambda x: jnp.zeros((max_steps, *x.shape), x.dtype), k_struct)

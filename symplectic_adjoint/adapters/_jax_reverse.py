@@ -7,7 +7,10 @@ For the accepted steps ``n = N-1, ..., 0`` (a ``lax.while_loop``), with
    value is ``y_{n+1}`` (adds to ``lam``); a ``SaveAt(ts=...)`` value is diffrax's
    interpolant ``I(t; y_n, y_{n+1}, K)``, linear in ``(y_n, y_{n+1}, K)``, so its VJP
    adds to ``lam``, to the cotangent of ``y_n`` and to each ``kbar_i``, and gives
-   ``dL/dt`` for the output time -- no vector-field call.
+   ``dL/dt`` for the output time -- no vector-field call. A save function
+   ``fn(t, y, args)`` (``SaveAt(fn=...)``, per ``SubSaveAt``) is differentiated at the
+   saved ``(t, y)``; dense output's per-step ``(y0, y1, k)`` cotangents add to the same
+   three places, and its times' to the step's ends.
 2. The stage increments ``K_i = term.vf_prod(t_i, X_i, args, term.contr(t_n, t_{n+1}))``
    are recomputed from ``y_n`` (``checkpoint="states"``) or read back
    (``checkpoint="stages"``). diffrax's increments already contain the step, so the
@@ -50,6 +53,7 @@ gradient; only the replay count depends on it.
 
 from __future__ import annotations
 
+import functools as ft
 from typing import Any
 
 import equinox as eqx
@@ -64,7 +68,7 @@ from ..core.tableau import ButcherTableau
 from ._diffrax_compat import ω
 from ._jax_record import Record
 
-__all__ = ["Checkpoints", "reverse_sweep"]
+__all__ = ["Checkpoints", "Output", "reverse_sweep"]
 
 
 def _tree_add(a: Any, b: Any) -> Any:
@@ -73,6 +77,10 @@ def _tree_add(a: Any, b: Any) -> Any:
 
 def _tree_where(pred: Any, a: Any, b: Any) -> Any:
     return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _mask(pred: Any, tree: Any) -> Any:
+    return jtu.tree_map(lambda x: jnp.where(pred, x, jnp.zeros_like(x)), tree)
 
 
 def _at(tree: Any, i: Any) -> Any:
@@ -105,6 +113,25 @@ class Checkpoints(eqx.Module):
         return [_at(ks, i) for i in range(stages)]
 
 
+class Output(eqx.Module):
+    """One ``SubSaveAt``'s outputs and their cotangents, for the reverse sweep.
+
+    ``fn`` is its save function (``save_y`` for the state itself); ``t0``: slot 0 holds
+    ``fn(t0, y0, args)``; ``t1_slot``: ``(index, pred)``, the slot ``_save_t1`` wrote and
+    whether it holds the final value, or ``None``; ``ts``: the output times (or
+    ``None``); ``steps``: ``SaveAt(steps=...)``; ``ybar``: the cotangent of the save
+    buffer (materialised); ``need_ts_bar``: whether ``ts`` is differentiated.
+    """
+
+    fn: Any
+    t0: bool = eqx.field(static=True)
+    t1_slot: Any
+    ts: Any
+    steps: int = eqx.field(static=True)
+    ybar: Any
+    need_ts_bar: bool = eqx.field(static=True)
+
+
 def reverse_sweep(
     *,
     tableau: ButcherTableau,
@@ -114,17 +141,17 @@ def reverse_sweep(
     args: Any,
     checkpoints: Checkpoints,
     num_steps: Any,
-    ybar: Any,
-    t0_slot: bool,
-    t1_slot: Any,
-    ts: Any,
-    need_ts_bar: bool,
-    steps: int,
+    outputs: list[Output],
+    dense_bar: Any,
+    y_final: Any,
+    t0: Any,
     t0_equals_t1: Any,
     dtimes: Any = None,
     implicit: Any = None,
-) -> tuple[Any, Any, Any, Any, Any]:
-    """Cotangents of ``(y0, args, terms, saveat ts)`` from those of the save buffer.
+    save_y: Any = None,
+    event: Any = None,
+) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """Cotangents of ``(y0, args, terms, saveat ts)`` from those of the saved outputs.
 
     Arguments:
         tableau: the solver's explicit tableau (diffrax's floats).
@@ -133,23 +160,33 @@ def reverse_sweep(
         terms, args: the forward pass's terms and args (primal values).
         checkpoints: access to the recorded steps.
         num_steps: number of accepted steps ``N``.
-        ybar: cotangent of the save buffer ``save_state.ys`` (materialised).
-        t0_slot: whether slot 0 holds ``y_0`` (``SaveAt(t0=True)``).
-        t1_slot: ``(index, pred)``: the slot ``_save_t1`` wrote, and whether it holds
-            the final state (an array or Python bool), or ``None``.
-        ts: the ``SaveAt(ts=...)`` times (or ``None``).
-        need_ts_bar: whether the output times are differentiated.
-        steps: ``SaveAt(steps=...)`` (``0`` for none).
+        outputs: one :class:`Output` per ``SubSaveAt``.
+        dense_bar: ``(infos_bar, ts_bar)``, the cotangents of ``SaveAt(dense=True)``'s
+            buffers (``dense_infos[n]`` is step ``n``'s ``y0, y1, k``; ``dense_ts[n+1]``
+            the time after step ``n``), or ``None``.
+        y_final: the final state ``y_N`` (read by save functions at ``t1``).
+        t0: the loop's ``t0`` (read by save functions at ``t0``).
         t0_equals_t1: a solve of zero length (outputs are copies of ``y_0``).
         dtimes: ``(D, 2, max_steps)`` forward-mode tangents of the recorded step ends
             ``(tprev_n, tnext_n)`` in ``D`` directions (the perturbed time inputs), or
             ``None`` when no time input is differentiated.
+        save_y: diffrax's default save function (``fn`` is skipped for it).
+        event: ``(cond_fn, happened, saved_ts, cond_kwargs)`` for a terminating event
+            with a root finder (else ``None``): the event time ``t*`` solves
+            ``g(t*) = 0`` inside the last step (``g`` = ``cond_fn`` of the interpolated
+            state, or ``t_{N} - t`` for a boolean ``cond_fn``); the final value is the
+            interpolant at ``t*``, and ``t*``'s cotangent goes by the implicit function
+            theorem to everything ``g`` reads. ``saved_ts`` (the final save times per
+            output) tells which slots were deleted after the event time.
 
     Returns:
-        ``(y0_bar, args_bar, terms_bar, ts_bar, dir_bar)``; ``args_bar``/``terms_bar``
-        have the structure of ``eqx.filter(., eqx.is_inexact_array)``, ``ts_bar`` is
-        ``None`` when ``ts`` is; ``dir_bar`` (``(D,)``, or ``None``) is the cotangent of
-        the ``D`` tangent directions of ``dtimes``.
+        ``(y0_bar, args_bar, terms_bar, ts_bars, dir_bar, t0_bar, fn_bars)``; ``args_bar`` and
+        ``terms_bar`` have the structure of ``eqx.filter(., eqx.is_inexact_array)``,
+        ``ts_bars`` is one entry per output (``None`` where ``ts`` is not differentiated);
+        ``dir_bar`` (``(D,)``, or ``None``) is the cotangent of the ``D`` tangent
+        directions of ``dtimes``; ``t0_bar`` the cotangent on the loop's ``t0`` where a
+        value is saved at ``t0`` itself (``fn(t0, y0, args)``, ``dense_ts[0]``);
+        ``fn_bars`` the cotangents of the save functions' own arrays (one per output).
     """
     if implicit is not None and dtimes is not None:
         raise NotImplementedError(
@@ -163,21 +200,82 @@ def reverse_sweep(
     diff_args, static_args = eqx.partition(args, eqx.is_inexact_array)
     diff_terms, static_terms = eqx.partition(terms, eqx.is_inexact_array)
     y_struct = checkpoints.state(0)
+    num_steps = jnp.asarray(num_steps)
+    time_dtype = jnp.result_type(checkpoints.record.tprev)
+    zero_t = jnp.zeros((), time_dtype)
 
+    # Whether any output is interpolated inside a step (or stored as dense output): only
+    # then do the increments K_i and y_n get output cotangents.
+    reads_k = dense_bar is not None or event is not None or any(o.ts is not None for o in outputs)
+
+    # The save functions' own arrays (closure-converted: what they close over) are
+    # differentiated like `args`.
+    fn_parts = [eqx.partition(o.fn, eqx.is_inexact_array) for o in outputs]
+
+    def call_fn(q, t, y, dargs, dfn):
+        fn = eqx.combine(dfn, fn_parts[q][1])
+        return fn(t, y, eqx.combine(dargs, static_args))
+
+    def fn_vjp(q, t, y, out_bar):
+        """``(t_bar, y_bar, (args_bar, fn_bar))`` of save function ``q`` at ``(t, y)``."""
+        if outputs[q].fn is save_y:
+            return zero_t, out_bar, None
+        _, pull = jax.vjp(ft.partial(call_fn, q), t, y, diff_args, fn_parts[q][0])
+        tb, yb, ab, fb = pull(out_bar)
+        return tb, yb, (ab, fb)
+
+    def add_args(acc, q, contrib):
+        # acc = ((args_bar, terms_bar), [fn_bar per output]).
+        if contrib is None:
+            return acc
+        (args_bar, terms_bar), fn_bars = acc
+        fn_bars = list(fn_bars)
+        fn_bars[q] = _tree_add(fn_bars[q], contrib[1])
+        return (_tree_add(args_bar, contrib[0]), terms_bar), fn_bars
+
+    def after_tangent(n):
+        # d(time after step n)/d(directions): the next step's start, or the last end.
+        nxt = jnp.minimum(n + 1, dtimes.shape[2] - 1)
+        return jnp.where(n + 1 < num_steps, dtimes[:, 0, nxt], dtimes[:, 1, n])
+
+    acc0 = jtu.tree_map(jnp.zeros_like, ((diff_args, diff_terms), [p[0] for p in fn_parts]))
+    dir0 = None if dtimes is None else jnp.zeros(dtimes.shape[0], dtimes.dtype)
+    t0_bar = zero_t
     lam = jtu.tree_map(jnp.zeros_like, y_struct)
-    if t1_slot is not None:
-        index, pred = t1_slot
-        lam = _tree_where(pred, _tree_add(lam, _at(ybar, index)), lam)
-    ts_bar = None if ts is None else jnp.zeros_like(ts)
+    for q, out in enumerate(outputs):
+        if out.t1_slot is None:
+            continue
+        index, pred = out.t1_slot
+        # The final time is the last step's end (t0 for a solve without steps).
+        t_final = jnp.where(
+            num_steps > 0, checkpoints.record.tnext[jnp.maximum(num_steps - 1, 0)], t0
+        )
+        if event is not None:
+            pred = pred & ~event[1]  # else the value at the event time (below)
+        out_bar = _mask(pred, _at(out.ybar, index))
+        tb, yb, ab = fn_vjp(q, t_final, y_final, out_bar)
+        lam = _tree_add(lam, yb)
+        acc0 = add_args(acc0, q, ab)
+        if out.fn is not save_y:
+            if dir0 is not None:
+                last = jnp.maximum(num_steps - 1, 0)
+                dir0 = dir0 + jnp.where(num_steps > 0, tb, 0.0) * dtimes[:, 1, last]
+            t0_bar = t0_bar + jnp.where(num_steps > 0, 0.0, tb)
+    ts_bars = [None if o.ts is None else jnp.zeros_like(o.ts) for o in outputs]
 
-    def interp_vjp(t, out_bar, tprev, tnext, y_n, y_n1, k_stacked):
+    def interp_vjp(q, t, out_bar, tprev, tnext, y_n, y_n1, k_stacked):
         # diffrax's interpolant is linear in (y_n, y_{n+1}, K): its VJP calls no network.
-        def interp(_t, _y0, _y1, _k, _tp, _tn):
-            info = dict(y0=_y0, y1=_y1, k=_k) if has_k else dict(y0=_y0, y1=_y1)
-            return interpolation_cls(t0=_tp, t1=_tn, **info).evaluate(_t)
+        plain = outputs[q].fn is save_y
 
-        _, pull = jax.vjp(interp, t, y_n, y_n1, k_stacked, tprev, tnext)
-        return pull(out_bar)
+        def interp(_t, _y0, _y1, _k, _tp, _tn, _dargs, _dfn):
+            info = dict(y0=_y0, y1=_y1, k=_k) if has_k else dict(y0=_y0, y1=_y1)
+            y = interpolation_cls(t0=_tp, t1=_tn, **info).evaluate(_t)
+            return y if plain else call_fn(q, _t, y, _dargs, _dfn)
+
+        dargs, dfn = (None, None) if plain else (diff_args, fn_parts[q][0])
+        _, pull = jax.vjp(interp, t, y_n, y_n1, k_stacked, tprev, tnext, dargs, dfn)
+        *bars, da, df = pull(out_bar)
+        return (*bars, None if plain else (da, df))
 
     def stage_time(i, tprev, tnext):
         # As diffrax: a node with c_i = 1 is exactly t1 (no rounding of t0 + dt).
@@ -201,10 +299,84 @@ def reverse_sweep(
 
         return rk_step(tableau, f, ω(y_n), 1, check=False).y1.ω
 
-    def step_adjoint(n, y_n, lam, acc, ts_bar):
-        acc, dir_bar = acc
+    def step_outputs(n, y_n, ks, lam, acc, ts_bars):
+        """The cotangents of everything step ``n`` wrote: added to ``lam``, to ``y_n``
+        (``y0_extra``), to the increments (``k_extra``), to ``args`` (``acc``), to the
+        output times, to the step's ends (``t_pair``) and to the time after the step."""
+        tprev, tnext, _, _ = step_data(n)
+        rec = checkpoints.record
+        y0b = jtu.tree_map(jnp.zeros_like, y_n)
+        y1b = jtu.tree_map(jnp.zeros_like, y_n)
+        k_stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *ks) if has_k else None
+        kb = jtu.tree_map(jnp.zeros_like, k_stacked)
+        t_pair = jnp.zeros(2, time_dtype)
+        t_after = zero_t
+        if checkpoints.budget is None:
+            y_n1 = checkpoints.next_state(n)
+        else:
+            # Not stored: rebuild it from the stages (only the output cotangents read its
+            # value; rounding-level differences to diffrax's y_{n+1}).
+            y_n1 = lincomb(ω(y_n), 1, tableau.b, [ω(k) for k in ks]).ω
+        ts_bars = list(ts_bars)
+        for q, out in enumerate(outputs):
+            save_before, save_after = rec.save_before[n, q], rec.save_after[n, q]
+            ts_before, ts_after = rec.ts_before[n, q], rec.ts_after[n, q]
+            if out.steps:
+                saved = (save_after - save_before) > (ts_after - ts_before)
+                out_bar = _mask(saved, _at(out.ybar, save_after - 1))
+                # Saved at the time after the step, from y_{n+1}.
+                tb, yb, ab = fn_vjp(q, rec.tnext[n], y_n1, out_bar)
+                y1b = _tree_add(y1b, yb)
+                acc = add_args(acc, q, ab)
+                t_after = t_after + tb
+            if out.ts is not None:
+                ts = out.ts
+
+                def out_cond(carry, ts_after=ts_after):
+                    return carry[0] < ts_after
+
+                def out_body(carry, q=q, ts=ts, save_before=save_before, ts_before=ts_before):
+                    j, y0b, y1b, kb, tsb, tpair, acc = carry
+                    slot = save_before + (j - ts_before)
+                    out_bar = _at(outputs[q].ybar, slot)
+                    if event is not None:
+                        # Deleted after the event time (inf), or overwritten by the final
+                        # value: the slot no longer holds this output.
+                        out_bar = _mask(event[2][q][slot] == ts[j], out_bar)
+                    tb, d0, d1, dk, dtp, dtn, da = interp_vjp(
+                        q, ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked
+                    )
+                    if has_k:
+                        kb = _tree_add(kb, dk)
+                    tpair = tpair + jnp.stack([dtp, dtn])
+                    y0b, y1b = _tree_add(y0b, d0), _tree_add(y1b, d1)
+                    return j + 1, y0b, y1b, kb, tsb.at[j].add(tb), tpair, add_args(acc, q, da)
+
+                _, y0b, y1b, kb, ts_bars[q], t_pair, acc = lax.while_loop(
+                    out_cond, out_body, (ts_before, y0b, y1b, kb, ts_bars[q], t_pair, acc)
+                )
+        if dense_bar is not None:
+            infos_bar, dts_bar = dense_bar
+            info = _at(infos_bar, n)
+            y0b = _tree_add(y0b, info["y0"])
+            y1b = _tree_add(y1b, info["y1"])
+            if has_k:
+                kb = _tree_add(kb, info["k"])
+            t_after = t_after + dts_bar[n + 1]
+        if ev_extra is not None:
+            last, ey0, ek, epair = ev_extra
+            here = n == last
+            y0b = _tree_add(y0b, _mask(here, ey0))
+            kb = _tree_add(kb, _mask(here, ek))
+            t_pair = t_pair + jnp.where(here, epair, 0.0)
+        lam = _tree_add(lam, y1b)
+        # Structural zeros stay None, so stages nobody reads are skipped (FSAL stages).
+        k_extra = [ω(_at(kb, i)) for i in range(s)] if has_k and reads_k else None
+        return acc, (y0b if reads_k else None), k_extra, ts_bars, t_pair, t_after, lam
+
+    def stages(n, y_n):
+        """The increments ``K_i`` and stage inputs ``X_i`` of step ``n`` from ``y_n``."""
         tprev, tnext, control, times = step_data(n)
-        t_pair = None  # cotangents of (tprev, tnext) from the outputs of this step
 
         def vf_prod(i, X):
             return terms.vf_prod(times[i], X, args, control)
@@ -222,49 +394,68 @@ def reverse_sweep(
         else:
             for i in range(s):
                 X.append(stage_input(tableau, i, ω(y_n), 1, [ω(k) for k in ks]).ω)
+        return ks, X
 
-        save_before = checkpoints.record.save_before[n]
-        save_after = checkpoints.record.save_after[n]
-        ts_before = checkpoints.record.ts_before[n]
-        ts_after = checkpoints.record.ts_after[n]
-        y0_extra = None
-        k_extra = None
-        if steps:
-            saved = (save_after - save_before) > (ts_after - ts_before)
-            lam = _tree_where(saved, _tree_add(lam, _at(ybar, save_after - 1)), lam)
-        if ts is not None:
-            if checkpoints.budget is None:
-                y_n1 = checkpoints.next_state(n)
-            else:
-                # Not stored: rebuild it from the stages (only the output-time cotangent
-                # reads its value; rounding-level differences to diffrax's y_{n+1}).
-                y_n1 = lincomb(ω(y_n), 1, tableau.b, [ω(k) for k in ks]).ω
-            k_stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *ks) if has_k else None
-            zero_y = jtu.tree_map(jnp.zeros_like, y_n)
-            zero_k = jtu.tree_map(jnp.zeros_like, k_stacked)
+    ev_extra = None
+    t1_outs = [q for q, o in enumerate(outputs) if o.t1_slot is not None]
+    if event is not None and t1_outs:
+        cond_fn, happened, saved_ts, cond_kwargs = event
+        last = jnp.maximum(num_steps - 1, 0)
+        y_l, y_l1 = checkpoints.state(last), checkpoints.next_state(last)
+        ks_l, _ = stages(last, y_l)
+        k_l = jtu.tree_map(lambda *xs: jnp.stack(xs), *ks_l)
+        tp_l, tn_l = checkpoints.record.tprev[last], checkpoints.record.tnext[last]
+        q0 = t1_outs[0]
+        t_star = saved_ts[q0][outputs[q0].t1_slot[0]]
 
-            def out_cond(carry):
-                return carry[0] < ts_after
+        def interp_at(t, y0, y1, k, tp, tn):
+            info = dict(y0=y0, y1=y1, k=k) if has_k else dict(y0=y0, y1=y1)
+            return interpolation_cls(t0=tp, t1=tn, **info).evaluate(t)
 
-            def out_body(carry):
-                j, y0b, y1b, kb, tsb, tpair = carry
-                out_bar = _at(ybar, save_before + (j - ts_before))
-                tb, d0, d1, dk, dtp, dtn = interp_vjp(
-                    ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked
-                )
-                if has_k:
-                    kb = _tree_add(kb, dk)
-                tpair = tpair + jnp.stack([dtp, dtn])
-                y0b, y1b = _tree_add(y0b, d0), _tree_add(y1b, d1)
-                return j + 1, y0b, y1b, kb, tsb.at[j].add(tb), tpair
+        primals = (t_star, y_l, y_l1, k_l, tp_l, tn_l)
+        y_star, interp_pull = jax.vjp(interp_at, *primals)
+        t_bar, y_star_bar = zero_t, jtu.tree_map(jnp.zeros_like, y_star)
+        for q in t1_outs:
+            out_bar = _mask(happened, _at(outputs[q].ybar, outputs[q].t1_slot[0]))
+            tb, yb, ab = fn_vjp(q, t_star, y_star, out_bar)
+            t_bar, y_star_bar = t_bar + tb, _tree_add(y_star_bar, yb)
+            acc0 = add_args(acc0, q, ab)
+        tI, d0, d1, dk, dtp, dtn = interp_pull(y_star_bar)
+        t_bar = t_bar + tI
+        is_bool = jnp.issubdtype(
+            jax.eval_shape(lambda: cond_fn(t=t_star, y=y_star, args=args, **cond_kwargs)).dtype,
+            jnp.bool_,
+        )
 
-            zero_pair = jnp.zeros(2, jnp.result_type(tprev))
-            _, y0_extra, y1b, kb, ts_bar, t_pair = lax.while_loop(
-                out_cond, out_body, (ts_before, zero_y, zero_y, zero_k, ts_bar, zero_pair)
-            )
-            lam = _tree_add(lam, y1b)
-            if has_k:
-                k_extra = [ω(_at(kb, i)) for i in range(s)]
+        def g(t, y0, y1, k, tp, tn, dargs):
+            if is_bool:  # the root is the end of the last step
+                return tn - t
+            y = interp_at(t, y0, y1, k, tp, tn)
+            return cond_fn(t=t, y=y, args=eqx.combine(dargs, static_args), **cond_kwargs)
+
+        # Implicit function theorem: dt*/dtheta = -g_theta / g_t at the root found.
+        g_t = jax.grad(g)(*primals, diff_args)
+        _, g_pull = jax.vjp(g, *primals, diff_args)
+        _, e0, e1, ek, etp, etn, eargs = g_pull(
+            jnp.where(happened, -t_bar / g_t, 0.0).astype(jnp.result_type(g_t))
+        )
+        lam = _tree_add(lam, _tree_add(d1, e1))
+        acc0 = ((_tree_add(acc0[0][0], eargs), acc0[0][1]), acc0[1])
+        ev_extra = (
+            last,
+            _tree_add(d0, e0),
+            _tree_add(dk, ek) if has_k else None,
+            jnp.stack([dtp + etp, dtn + etn]),
+        )
+
+    def step_adjoint(n, y_n, lam, acc, ts_bars):
+        acc, dir_bar = acc  # acc = ((args_bar, terms_bar), fn_bars)
+        acc, fn_bars = acc
+        tprev, tnext, control, times = step_data(n)
+        ks, X = stages(n, y_n)
+        (acc, fn_bars), y0_extra, k_extra, ts_bars, t_pair, t_after, lam = step_outputs(
+            n, y_n, ks, lam, (acc, fn_bars), ts_bars
+        )
 
         def stage_vjp(i, Xi, kbar, carry):
             # The control (e.g. a CDE's interpolated path, or dt for an ODE) and the stage
@@ -307,9 +498,7 @@ def reverse_sweep(
             y0_bar, acc = implicit.step_vjp(
                 terms, args, n, times, control, X, lam, k_extra, y0_extra, acc
             )
-            return y0_bar, (acc, dir_bar), ts_bar
-        if t_pair is None:
-            t_pair = jnp.zeros(2, jnp.result_type(tprev))
+            return y0_bar, ((acc, fn_bars), dir_bar), ts_bars
         result = rk_step_vjp(
             tableau,
             stage_vjp,
@@ -322,44 +511,59 @@ def reverse_sweep(
         )
         acc, t_pair = result.carry
         if dir_bar is not None:
-            # Chain (tprev_n, tnext_n) onto the perturbed time inputs.
-            dir_bar = dir_bar + dtimes[:, :, n] @ t_pair
-        return result.y0_bar.ω, (acc, dir_bar), ts_bar
+            # Chain (tprev_n, tnext_n) and the time after the step onto the perturbed
+            # time inputs.
+            dir_bar = dir_bar + dtimes[:, :, n] @ t_pair + t_after * after_tangent(n)
+        return result.y0_bar.ω, ((acc, fn_bars), dir_bar), ts_bars
 
-    acc0 = jtu.tree_map(jnp.zeros_like, (diff_args, diff_terms))
-    dir0 = None if dtimes is None else jnp.zeros(dtimes.shape[0], dtimes.dtype)
     acc0 = (acc0, dir0)
 
     def cond(carry):
         return carry[0] >= 0
 
     def body(carry):
-        n, lam, acc, ts_bar = carry
-        lam, acc, ts_bar = step_adjoint(n, checkpoints.state(n), lam, acc, ts_bar)
-        return n - 1, lam, acc, ts_bar
+        n, lam, acc, ts_bars = carry
+        lam, acc, ts_bars = step_adjoint(n, checkpoints.state(n), lam, acc, ts_bars)
+        return n - 1, lam, acc, ts_bars
 
     if checkpoints.budget is None:
-        _, lam, ((args_bar, terms_bar), dir_bar), ts_bar = lax.while_loop(
-            cond, body, (jnp.asarray(num_steps) - 1, lam, acc0, ts_bar)
+        _, lam, (acc, dir_bar), ts_bars = lax.while_loop(
+            cond, body, (num_steps - 1, lam, acc0, ts_bars)
         )
     else:
-        (lam, ((args_bar, terms_bar), dir_bar), ts_bar), _ = _budget_sweep(
+        (lam, (acc, dir_bar), ts_bars), _ = _budget_sweep(
             checkpoints.budget,
             checkpoints.state(0),
-            jnp.asarray(num_steps),
+            num_steps,
             replay,
             step_adjoint,
-            (lam, acc0, ts_bar),
+            (lam, acc0, ts_bars),
         )
 
-    if t0_slot:
-        lam = _tree_add(lam, _at(ybar, 0))
-    if ts is not None:
-        # A zero-length solve writes y_0 into every `ts` slot (diffrax's t0 == t1 case).
-        first = 1 if t0_slot else 0
-        copies = jtu.tree_map(lambda b: jnp.sum(b[first : first + len(ts)], axis=0), ybar)
-        lam = _tree_where(t0_equals_t1, _tree_add(lam, copies), lam)
-    return lam, args_bar, terms_bar, (ts_bar if need_ts_bar else None), dir_bar
+    y0 = checkpoints.state(0)
+    for q, out in enumerate(outputs):
+        if out.t0:
+            tb, yb, ab = fn_vjp(q, t0, y0, _at(out.ybar, 0))
+            lam = _tree_add(lam, yb)
+            acc = add_args(acc, q, ab)
+            t0_bar = t0_bar + tb
+        if out.ts is not None:
+            # A zero-length solve writes fn(t0, y_0) into every `ts` slot (diffrax's
+            # t0 == t1 case).
+            lo, hi = (1 if out.t0 else 0), (1 if out.t0 else 0) + len(out.ts)
+            copies = jtu.tree_map(
+                lambda b, lo=lo, hi=hi: jnp.where(t0_equals_t1, jnp.sum(b[lo:hi], axis=0), 0.0),
+                out.ybar,
+            )
+            tb, yb, ab = fn_vjp(q, t0, y0, copies)
+            lam = _tree_add(lam, yb)
+            acc = add_args(acc, q, ab)
+            t0_bar = t0_bar + tb
+    if dense_bar is not None:
+        t0_bar = t0_bar + dense_bar[1][0]
+    (args_bar, terms_bar), fn_bars = acc
+    ts_bars = [tb if o.need_ts_bar else None for o, tb in zip(outputs, ts_bars, strict=True)]
+    return lam, args_bar, terms_bar, ts_bars, dir_bar, t0_bar, fn_bars
 
 
 def _budget_sweep(

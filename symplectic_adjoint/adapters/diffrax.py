@@ -38,8 +38,8 @@ from ._diffrax_compat import (
     save_y,
 )
 from ._jax_implicit import ImplicitKernel, implicit_core_tableau
-from ._jax_record import StageKeepingSolver, core_tableau, recording_loops
-from ._jax_reverse import Checkpoints, reverse_sweep
+from ._jax_record import StageKeepingSolver, core_tableau, recording_loops, save_states
+from ._jax_reverse import Checkpoints, Output, reverse_sweep
 
 __all__ = ["SymplecticAdjoint"]
 
@@ -48,6 +48,25 @@ _ALTERNATIVE = "use `adjoint=diffrax.RecursiveCheckpointAdjoint()` instead"
 
 def _is_subsaveat(x: Any) -> bool:
     return isinstance(x, diffrax.SubSaveAt)
+
+
+def _subs(saveat) -> list:
+    """Every ``SubSaveAt`` of ``saveat``, in ``jtu.tree_leaves`` order (diffrax's)."""
+    return [x for x in jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat) if _is_subsaveat(x)]
+
+
+def _with_fns(saveat, fns: list):
+    """``saveat`` with the save functions of its SubSaveAts replaced by ``fns``."""
+    if not fns:
+        return saveat
+    return eqx.tree_at(lambda s: [x.fn for x in _subs(s)], saveat, fns)
+
+
+def _with_ts(saveat, ts: list):
+    """``saveat`` with the output times of its SubSaveAts replaced by ``ts``."""
+    if not ts:
+        return saveat
+    return eqx.tree_at(lambda s: [x.ts for x in _subs(s)], saveat, ts, is_leaf=_is_none)
 
 
 class SymplecticAdjoint(diffrax.AbstractAdjoint):
@@ -67,8 +86,16 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     over any `AbstractPath` (e.g. `CubicInterpolation`, `LinearInterpolation`, with a
     `lineax` operator such as `DiagonalLinearOperator`), `MultiTerm` of them;
     `ConstantStepSize`, `StepTo` and `PIDController` (with `step_ts`/`jump_ts`, with or
-    without `dt0`); `SaveAt(t0=..., t1=..., ts=..., steps=...)` with a single `SubSaveAt`
-    and the default `fn`; `jax.jit`, `jax.vmap` on either side of `jax.grad`.
+    without `dt0`); `SaveAt(t0=..., t1=..., ts=..., steps=..., fn=...)`, any PyTree of
+    `SubSaveAt` (`SaveAt(subs=...)`, each with its own times and `fn`), and
+    `SaveAt(dense=True)` (`sol.evaluate(t)`, `sol.derivative(t)`); terminating
+    `diffrax.Event(cond_fn)` (boolean or real-valued): without a root finder the solve
+    stops at the end of the step where it fired (a discrete decision); with one (e.g.
+    `optimistix.Newton`; a single `cond_fn`, no `steps`/`dense` saves, explicit solvers,
+    `checkpoint="states"`/`"stages"`) at the root `t*` inside that step, the final value
+    being the interpolant at `t*` and `t*`'s gradient the implicit-function-theorem one
+    that `RecursiveCheckpointAdjoint` gets through optimistix; `jax.jit`, `jax.vmap` on
+    either side of `jax.grad`. `sol.ts` is not differentiated (use the times you passed).
 
     **Gradients** with respect to `y0`, `args` (any PyTree), the inexact arrays inside
     `terms` (the parameters of an `eqx.Module` vector field, and a control path's data:
@@ -86,6 +113,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     (JAX raises `CustomVJPException`), nor a `solver_state`/`controller_state` passed to
     `diffeqsolve`.
 
+    A save function `fn(t, y, args)` is differentiated at each saved `(t, y, args)` (for
+    `ts`, at the interpolated state), including the arrays it closes over (it is
+    closure-converted). Dense output's buffers (each step's `y0`, `y1` and stage
+    increments, and the step times) take their cotangents into that step's reverse
+    recursion with no extra vector-field call, so `sol.evaluate(t)` and
+    `sol.derivative(t)` are differentiable in `y0`, `args`, the terms, the grid times and
+    the query time `t`.
+
     **Implicit** (`ImplicitEuler`, `Kvaerno3/4/5`) and IMEX (`KenCarp3/4/5` on
     `MultiTerm(explicit, implicit)`) solvers with `checkpoint="states"`/`"stages"`: the
     exact adjoint of the stage equations as solved (implicit function theorem), one
@@ -96,9 +131,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
 
     **Refused** at trace time, naming the alternative (`RecursiveCheckpointAdjoint`):
     other implicit/IMEX solvers, SDE solvers, `HalfSolver` and other wrapped solvers,
-    events, `SaveAt(dense=True)`, `SaveAt(fn=...)`, `SaveAt(subs=...)` and
-    `max_steps=None`. Only diffrax 0.7.2 is supported (its internals are used): another
-    version raises `ImportError` at import.
+    root-finder events outside the combination above and `max_steps=None`.
+    Only diffrax 0.7.2 is supported (its internals are used): another version raises
+    `ImportError` at import.
 
     **Checkpoint modes** (the same values as the PyTorch adapter's `checkpoint`; ``N``
     accepted steps, ``s`` stages, ``|y|`` the state size):
@@ -162,7 +197,12 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         progress_meter,
     ):
         tableau = _check(
-            terms=terms, solver=solver, event=event, saveat=saveat, max_steps=max_steps
+            terms=terms,
+            solver=solver,
+            event=event,
+            saveat=saveat,
+            max_steps=max_steps,
+            checkpoint=self.checkpoint,
         )
         _implicit_kernel(self, tableau, solver, terms)  # refuses what it cannot do
         controller_state = init_state.controller_state
@@ -174,6 +214,12 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             # differentiated like RecursiveCheckpointAdjoint does.
             init_state = eqx.tree_at(
                 lambda s: s.controller_state, init_state, controller_state, is_leaf=_is_none
+            )
+        if event is not None:
+            # The event's bookkeeping (previous values, last step) only decides where the
+            # solve stops (no root finder: a discrete decision); it is not differentiated.
+            init_state = eqx.tree_at(
+                _event_fields, init_state, jax.lax.stop_gradient(_event_fields(init_state))
             )
         # Everything the step grid is computed from travels in the differentiated argument.
         times = _Times(
@@ -192,13 +238,20 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             (_HOLE, _HOLE, _HOLE, _HOLE),
             is_leaf=_is_none,
         )
-        ts = saveat.subs.ts
-        if ts is not None:
-            # The output times travel in the differentiated argument; the rest of `saveat`
-            # is static configuration.
-            saveat = eqx.tree_at(lambda s: s.subs.ts, saveat, None)
+        # The output times of every SubSaveAt travel in the differentiated argument; the
+        # rest of `saveat` is static configuration.
+        ts = [sub.ts for sub in _subs(saveat)]
+        saveat = _with_ts(saveat, [None] * len(ts))
+        # So are the save functions, closure-converted: diffeqsolve wraps them in a
+        # closure over the (traced) time direction, and a user's function may close over
+        # differentiated arrays; their arrays are differentiated like `args`.
+        fns = [
+            sub.fn if sub.fn is save_y else eqx.filter_closure_convert(sub.fn, t0, y, args)
+            for sub in _subs(saveat)
+        ]
+        saveat = _with_fns(saveat, [save_y] * len(fns))
         final_state, aux_stats = _loop_symplectic(
-            (y, args, terms, ts, times),
+            (y, args, terms, ts, times, fns),
             self=self,
             tableau=tableau,
             solver=solver,
@@ -206,9 +259,17 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
-            event=None,
+            event=event,  # without a root finder: a discrete stop, nothing to differentiate
         )
-        return only_transpose_ys(final_state), aux_stats
+        out = only_transpose_ys(final_state)
+        if saveat.dense:
+            # Dense output is differentiated (its buffers' cotangents go to the steps).
+            out = eqx.tree_at(
+                lambda s: (s.dense_ts, s.dense_infos),
+                out,
+                (final_state.dense_ts, final_state.dense_infos),
+            )
+        return out, aux_stats
 
 
 class _Times(eqx.Module):
@@ -226,6 +287,10 @@ class _Times(eqx.Module):
 
 
 _HOLE = object()  # placeholder for a field of the initial state passed separately
+
+
+def _event_fields(state) -> tuple:
+    return (state.event_tprev, state.event_tnext, state.event_dense_info, state.event_values)
 
 
 def _is_none(x: Any) -> bool:
@@ -276,7 +341,7 @@ def _ode_terms_only(terms: Any) -> bool:
     return isinstance(terms, diffrax.ODETerm)
 
 
-def _check(*, terms, solver, event, saveat, max_steps):
+def _check(*, terms, solver, event, saveat, max_steps, checkpoint="states"):
     """Refuse what the adjoint cannot do, at trace time; return the solver's tableau."""
     if max_steps is None:
         raise ValueError(
@@ -285,27 +350,24 @@ def _check(*, terms, solver, event, saveat, max_steps):
             "on the number of steps, or use `adjoint=diffrax.RecursiveCheckpointAdjoint("
             "checkpoints=...)`."
         )
-    if event is not None:
-        raise NotImplementedError(f"`SymplecticAdjoint` does not support events: {_ALTERNATIVE}.")
+    if event is not None and event.root_finder is not None:
+        if (
+            not callable(event.cond_fn)
+            or saveat.dense
+            or any(sub.steps for sub in _subs(saveat))
+            or not isinstance(checkpoint, str)
+            or isinstance(solver, diffrax.AbstractImplicitSolver)
+        ):
+            raise NotImplementedError(
+                "`SymplecticAdjoint` supports `Event(cond_fn, root_finder=...)` with a single "
+                "`cond_fn`, explicit solvers, `checkpoint='states'`/'stages' and "
+                "`SaveAt(t0/t1/ts/fn/subs)` (no `steps`, no `dense`); for this combination "
+                f"{_ALTERNATIVE}, or an event without a root finder."
+            )
     if is_sde(terms):
         raise NotImplementedError(
             f"`SymplecticAdjoint` handles ordinary (and controlled) differential equations, "
             f"not SDEs: {_ALTERNATIVE}."
-        )
-    if saveat.dense:
-        raise NotImplementedError(
-            "`SymplecticAdjoint` does not support `SaveAt(dense=True)`; save the times you "
-            f"need with `SaveAt(ts=...)`, or {_ALTERNATIVE}."
-        )
-    if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
-        raise NotImplementedError(
-            f"`SymplecticAdjoint` does not support `SaveAt(subs=...)`: {_ALTERNATIVE}, or "
-            "one solve per SubSaveAt."
-        )
-    if saveat.subs.fn is not save_y:
-        raise NotImplementedError(
-            "`SymplecticAdjoint` does not support `SaveAt(fn=...)`; apply the function to "
-            f"`sol.ys` after the solve, or {_ALTERNATIVE}."
         )
     implicit = implicit_core_tableau(solver)  # implicit/IMEX solvers
     return core_tableau(solver) if implicit is None else implicit
@@ -329,7 +391,8 @@ def _loop_symplectic(diff, *, self, tableau, solver, saveat, init_state, **kwarg
 
 
 def _forward(diff, *, self, solver, saveat, init_state, record, max_steps, detach=False, **kwargs):
-    y, args, terms, ts, times = diff
+    y, args, terms, ts, times, fns = diff
+    saveat = _with_fns(saveat, fns)
     init_state = eqx.tree_at(
         lambda s: (s.y, s.tprev, s.tnext, s.controller_state),
         init_state,
@@ -337,8 +400,7 @@ def _forward(diff, *, self, solver, saveat, init_state, record, max_steps, detac
         is_leaf=lambda x: x is _HOLE,
     )
     kwargs.update(t0=times.t0, t1=times.t1, dt0=times.dt0, stepsize_controller=times.controller)
-    if ts is not None:
-        saveat = eqx.tree_at(lambda s: s.subs.ts, saveat, ts, is_leaf=lambda x: x is None)
+    saveat = _with_ts(saveat, ts)
     if not record:
         outer, inner, box = (
             eqx.Partial(outer_loop, kind="lax"),
@@ -409,7 +471,7 @@ def _perturbed_times(times: _Times, perturbed: Any) -> tuple[list, Any, list[int
 @_loop_symplectic.def_fwd
 def _loop_symplectic_fwd(perturbed, diff, **kwargs):
     kwargs.pop("tableau")
-    y, args, terms, ts, times = diff
+    y, args, terms, ts, times, fns = diff
     leaves, treedef, which = _perturbed_times(times, perturbed[4])
     if not which:
         final_state, aux_stats, record = _forward(diff, record=True, **kwargs)
@@ -426,7 +488,7 @@ def _loop_symplectic_fwd(perturbed, diff, **kwargs):
             for i, v in zip(which, values, strict=True):
                 new[i] = v
             out = _forward(
-                (y, args, terms, ts, jtu.tree_unflatten(treedef, new)),
+                (y, args, terms, ts, jtu.tree_unflatten(treedef, new), fns),
                 record=True,
                 detach=True,
                 **kwargs,
@@ -451,9 +513,20 @@ def _loop_symplectic_fwd(perturbed, diff, **kwargs):
 
         out, dtimes = jax.vmap(push, in_axes=(0,), out_axes=(None, 0))(basis)
         final_state, aux_stats, record = eqx.combine(out, static_box[0])
-    save_state = final_state.save_state
-    ys_struct = jax.eval_shape(lambda: save_state.ys)
-    residuals = (record, final_state.num_accepted_steps, save_state.save_index, ys_struct, dtimes)
+    states = save_states(final_state.save_state)
+    ys_struct = jax.eval_shape(lambda: [st.ys for st in states])
+    dense_struct = jax.eval_shape(lambda: (final_state.dense_infos, final_state.dense_ts))
+    residuals = (
+        record,
+        final_state.num_accepted_steps,
+        [st.save_index for st in states],
+        ys_struct,
+        dense_struct,
+        final_state.y,
+        dtimes,
+        final_state.event_mask,
+        [st.ts for st in states],
+    )
     return (final_state, aux_stats), residuals
 
 
@@ -470,28 +543,48 @@ def _loop_symplectic_bwd(
     saveat,
     **kwargs,
 ):
-    del kwargs
-    record, num_steps, final_save_index, ys_struct, dtimes = residuals
-    y, args, terms, ts, times = diff
+    (
+        record,
+        num_steps,
+        final_save_index,
+        ys_struct,
+        dense_struct,
+        y_final,
+        dtimes,
+        event_mask,
+        saved_ts,
+    ) = residuals
+    y, args, terms, ts, times, fns = diff
     grad_final_state, _ = grad_final_state__aux_stats
-    ybar = grad_final_state.save_state.ys
-    sub = saveat.subs
-    # Symbolic zeros (undifferentiated outputs) become real zeros: the sweep reads slots.
-    if ybar is None:
-        ybar = jtu.tree_map(lambda _: None, ys_struct)
-    ybar = jtu.tree_map(
-        lambda s, b: jnp.zeros(s.shape, s.dtype) if b is None else b, ys_struct, ybar
-    )
-    steps = sub.steps
-    if sub.t1 and steps != 1:
-        if steps == 0:
-            pred = True
-        else:
-            pred = (num_steps % steps) != 0
-        t1_slot = (final_save_index - 1, pred)
-    else:
+    subs = _subs(saveat)
+    grad_states = save_states(grad_final_state.save_state)
+    ybars = [st.ys for st in grad_states] if grad_states else [None] * len(subs)
+    outputs = []
+    for q, sub in enumerate(subs):
+        # Symbolic zeros (undifferentiated outputs) become real zeros: the sweep reads slots.
+        ybar = _materialise(ys_struct[q], ybars[q])
+        steps = sub.steps
         t1_slot = None
-    y_bar, args_bar, terms_bar, ts_bar, dir_bar = reverse_sweep(
+        if sub.t1 and steps != 1:
+            pred = True if steps == 0 else (num_steps % steps) != 0
+            t1_slot = (final_save_index[q] - 1, pred)
+        outputs.append(
+            Output(
+                fn=fns[q],
+                t0=bool(sub.t0),
+                t1_slot=t1_slot,
+                ts=ts[q],
+                steps=steps,
+                ybar=ybar,
+                need_ts_bar=ts[q] is not None and bool(perturbed[3][q]),
+            )
+        )
+    dense_bar = None
+    if saveat.dense:
+        dense_bar = _materialise(
+            dense_struct, (grad_final_state.dense_infos, grad_final_state.dense_ts)
+        )
+    y_bar, args_bar, terms_bar, ts_bars, dir_bar, t0_bar, fn_bars = reverse_sweep(
         tableau=tableau,
         interpolation_cls=solver.interpolation_cls,
         has_k=type(solver) not in _NO_K,
@@ -501,15 +594,15 @@ def _loop_symplectic_bwd(
             record, None if isinstance(self.checkpoint, str) else self.checkpoint
         ),
         num_steps=num_steps,
-        ybar=ybar,
-        t0_slot=bool(sub.t0),
-        t1_slot=t1_slot,
-        ts=ts,
-        need_ts_bar=ts is not None and bool(perturbed[3]),
-        steps=steps,
+        outputs=outputs,
+        dense_bar=dense_bar,
+        y_final=y_final,
+        t0=times.t0,
         t0_equals_t1=times.t0 == times.t1,
         dtimes=dtimes,
         implicit=_implicit_kernel(self, tableau, solver),
+        save_y=save_y,
+        event=_root_event(kwargs, event_mask, saved_ts, terms, solver, saveat, times),
     )
     # Cotangents of the perturbed time inputs, from those of the directions.
     leaves, treedef, which = _perturbed_times(times, perturbed[4])
@@ -519,5 +612,38 @@ def _loop_symplectic_bwd(
         size = int(jnp.size(leaves[i]))
         bars[i] = dir_bar[offset : offset + size].reshape(jnp.shape(leaves[i]))
         offset += size
+    if leaves and leaves[0] is times.t0 and bars[0] is not None:
+        # Values saved at t0 itself (fn(t0, y0, args), the dense grid's first time).
+        bars[0] = bars[0] + t0_bar.astype(bars[0].dtype)
     times_bar = jtu.tree_unflatten(treedef, bars)
-    return y_bar, args_bar, terms_bar, ts_bar, times_bar
+    return y_bar, args_bar, terms_bar, ts_bars, times_bar, fn_bars
+
+
+def _root_event(kwargs, event_mask, saved_ts, terms, solver, saveat, times):
+    """What the reverse sweep needs of a terminating event with a root finder."""
+    event = kwargs.get("event")
+    if event is None or event.root_finder is None:
+        return None
+    cond_kwargs = dict(
+        terms=terms,
+        solver=solver,
+        t0=times.t0,
+        t1=times.t1,
+        dt0=times.dt0,
+        saveat=saveat,
+        stepsize_controller=times.controller,
+        max_steps=kwargs["max_steps"],
+    )
+    return event.cond_fn, jnp.asarray(event_mask), saved_ts, cond_kwargs
+
+
+def _materialise(struct: Any, bar: Any) -> Any:
+    """``bar`` with symbolic zeros (``None``, at any level) replaced by zeros of the
+    shapes in ``struct``."""
+
+    def fill(b, st):
+        if b is None:
+            return jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), st)
+        return b
+
+    return jtu.tree_map(fill, bar, struct, is_leaf=_is_none)
