@@ -4,12 +4,17 @@
   here (float32 tests pass explicit dtypes, so they are unaffected).
 * One intra-op thread for torch keeps the 2-core CI machine responsive and results
   deterministic; tests never time anything.
+* Tests marked ``slow`` (the full solver x controller matrices; a cheaper case of every
+  feature stays unmarked) are deselected by default. ``--runslow`` runs them with the
+  rest; a ``-m`` expression that names ``slow`` (``-m slow``, ``-m "jax and slow"``,
+  ``-m "not slow"``) is honoured as written; ``tox -e slow`` runs ``-m slow``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 
 import pytest
 
@@ -31,6 +36,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="devices to run device-parametrised tests on (default: cpu, plus cuda if seen)",
     )
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (deselected by default; or select them with -m slow)",
+    )
+
+
+def _slow_selected_explicitly(config: pytest.Config) -> bool:
+    """``--runslow``, or a ``-m`` expression that mentions ``slow`` (then pytest's own
+    marker selection decides, e.g. ``-m slow`` runs only the slow tests)."""
+    if config.getoption("--runslow"):
+        return True
+    return re.search(r"\bslow\b", config.getoption("markexpr", "") or "") is not None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect ``slow`` tests unless asked for (see the module docstring)."""
+    if _slow_selected_explicitly(config):
+        return
+    keep, slow = [], []
+    for item in items:
+        (slow if item.get_closest_marker("slow") is not None else keep).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = keep
 
 
 @functools.cache

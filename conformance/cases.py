@@ -15,9 +15,11 @@ rounding level.
 
 :data:`SOLVERS` lists the methods; :func:`jax_plan` and :func:`torch_plan` say which
 (case, solver, dtype) triples each backend runs. Torch is eager and cheap, so it runs
-every method on every case; every JAX configuration costs a trace and an XLA compile
-(about 3 s on the CI machine), so JAX runs a rotating selection that still covers each
-method and each case.
+every method on every case it suits (explicit methods on the non-stiff cases, implicit
+ones on the stiff cases); every JAX configuration costs a trace and an XLA compile
+(about 3 s on the CI machine, 10-20 s for an implicit solver), so JAX runs a rotating
+selection that still covers each method and each case, part of it marked ``slow``
+(:data:`JAX_SLOW`). :data:`TIME_PLAN` adds gradients with respect to ``t0`` and ``t1``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ __all__ = [
     "CASES_BY_NAME",
     "Case",
     "DTYPES",
+    "JAX_SLOW",
+    "TIME_GRIDS",
+    "TIME_PLAN",
+    "JAX_NEWTON_TOL",
+    "NEWTON_TOL",
     "SOLVERS",
     "SOLVERS_BY_NAME",
     "Solver",
@@ -47,6 +54,16 @@ Params = Mapping[str, Array]
 Field = Callable[[Any, State, Params], State]
 
 DTYPES = ("float64", "float32")
+#: Newton's relative and absolute tolerance for implicit stages in every backend (diffrax
+#: ``optimistix.Newton(rtol, atol)``, torch ``newton_rtol``/``newton_atol``, the NumPy
+#: reference's update size): tight enough that the converged stages agree across backends
+#: far below the 1e-10 comparison tolerance (Newton converges quadratically).
+NEWTON_TOL = 1e-13
+#: diffrax's (optimistix) Newton: its Cauchy termination cannot meet 1e-12 on
+#: ``stiff_linear`` with Kvaerno5 (the update stalls at rounding level, ~cond(A) eps, and
+#: the root find hits its step limit); 1e-11 still leaves the stages converged to rounding
+#: (Newton is exact in one iteration on a linear field, quadratic otherwise).
+JAX_NEWTON_TOL = 1e-11
 
 
 # --------------------------------------------------------------------- vector fields
@@ -93,6 +110,13 @@ def van_der_pol_field(t: Array, y: Array, p: Params) -> Array:
     return xp.stack([v, p["mu"][0] * (1 - x * x) * v - x], axis=-1)
 
 
+def stiff_tanh_field(t: Array, y: Array, p: Params) -> Array:
+    """Stiff tanh layer ``tanh(W y + b) - d * y`` with learnable decay rates ``d`` spread over
+    three orders of magnitude (row-wise): explicit methods are unstable at the case's step."""
+    xp = array_namespace(y)
+    return xp.tanh(y @ p["W"].T + p["b"]) - p["d"] * y
+
+
 def coupled_tuple_field(t: Array, y: tuple[Array, Array], p: Params) -> tuple[Array, Array]:
     """Second-order system held as a tuple state ``(q, v)``:
     ``q' = v, v' = -K q - U^T tanh(U q)`` (row-wise; a PyTree state in JAX)."""
@@ -131,6 +155,8 @@ class Case:
         weights: loss cotangents, same structure as the stacked outputs.
         oracle: the exact discrete gradient is available (linear ODE).
         numpy_vjp: name of the hand-written VJP in the NumPy reference, if any.
+        stiff: explicit methods are unstable at ``h``: only implicit solvers run it (and
+            implicit solvers run only the stiff cases).
     """
 
     name: str
@@ -145,6 +171,7 @@ class Case:
     weights: np.ndarray | tuple[np.ndarray, ...] = ()
     oracle: bool = False
     numpy_vjp: str | None = None
+    stiff: bool = False
 
     @property
     def is_tuple(self) -> bool:
@@ -214,6 +241,14 @@ def _mlp_params(seed: int, dim: int, hidden: int) -> dict[str, np.ndarray]:
         "W2": r.normal(size=(dim, hidden)) / np.sqrt(hidden),
         "b2": 0.1 * r.normal(size=dim),
     }
+
+
+def _stiff_matrix(seed: int, eigenvalues: list[float]) -> np.ndarray:
+    """``Q diag(eigenvalues) Q^{-1}`` with a well-conditioned, non-orthogonal ``Q``: a
+    non-normal matrix whose spectrum is exactly the given real values."""
+    n = len(eigenvalues)
+    Q = np.eye(n) + 0.3 * _rng(seed).normal(size=(n, n))
+    return Q @ np.diag(eigenvalues) @ np.linalg.inv(Q)
 
 
 CASES: tuple[Case, ...] = (
@@ -314,6 +349,32 @@ CASES: tuple[Case, ...] = (
         [0.0, 1.0],
         1 / 8,
     ),
+    _case(
+        "stiff_linear",
+        "Stiff y' = A y, eigenvalues -1, -10, -100, -1000 (h lambda down to -62.5): one "
+        "implicit step is y -> R(hA) y with R rational, the exact oracle of the implicit "
+        "adjoint; explicit methods would blow up, so only implicit solvers run it.",
+        linear_field,
+        _rng(15).normal(size=(2, 4)),
+        {"A": _stiff_matrix(16, [-1.0, -10.0, -100.0, -1000.0])},
+        [0.0, 0.5, 1.0],
+        1 / 16,
+        oracle=True,
+        numpy_vjp="linear",
+        stiff=True,
+    ),
+    _case(
+        "stiff_tanh",
+        "Nonlinear stiff field tanh(W y + b) - d * y with learnable decay rates d = "
+        "(1, 30, 1000): Newton on every stage, Jacobians that change along the solution.",
+        stiff_tanh_field,
+        _rng(17).normal(size=(2, 3)),
+        {"W": _rng(18).normal(size=(3, 3)), "b": _rng(19).normal(size=3), "d": [1.0, 30.0, 1e3]},
+        [0.0, 0.5],
+        1 / 32,
+        numpy_vjp="stiff_tanh",
+        stiff=True,
+    ),
 )
 
 CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
@@ -336,6 +397,8 @@ class Solver:
             ``ConstantStepSize``) or ``"adaptive"`` (error control at the case tolerances).
         loosen: factor on the case tolerances for adaptive solves (low-order methods
             would need thousands of steps at the tolerances that suit dopri5).
+        implicit: an implicit tableau (core :func:`get_implicit_tableau`): stages solved by
+            Newton at :data:`NEWTON_TOL` in both hosts; runs the stiff cases only.
     """
 
     name: str
@@ -344,6 +407,7 @@ class Solver:
     diffrax_solver: str | None
     grid: str
     loosen: float = 1.0
+    implicit: bool = False
 
     @property
     def constant_steps(self) -> bool:
@@ -366,6 +430,33 @@ SOLVERS: tuple[Solver, ...] = (
     Solver("fehlberg2", "fehlberg2", "fehlberg2", None, "adaptive", loosen=1e4),
     Solver("adaptive_heun", "adaptive_heun", "adaptive_heun", None, "adaptive", loosen=1e4),
     Solver("tsit5", "tsit5", None, "Tsit5", "adaptive"),
+    # Implicit tableaux. In both hosts: implicit Euler (diffrax's ImplicitEuler propagates
+    # the implicit Euler step; its trapezoid error estimate is unused on a constant grid)
+    # and Kvaerno 3/4/5 held at h. Torch only: the other fixed-grid tableaux.
+    Solver(
+        "implicit_euler",
+        "implicit_euler",
+        "implicit_euler",
+        "ImplicitEuler",
+        "fixed",
+        implicit=True,
+    ),  # fmt: skip
+    Solver("kvaerno3@h", "kvaerno3", "kvaerno3", "Kvaerno3", "forced", implicit=True),
+    Solver("kvaerno4@h", "kvaerno4", "kvaerno4", "Kvaerno4", "forced", implicit=True),
+    Solver("kvaerno5@h", "kvaerno5", "kvaerno5", "Kvaerno5", "forced", implicit=True),
+    *(
+        Solver(name, name, name, None, "fixed", implicit=True)
+        for name in (
+            "implicit_midpoint",
+            "trapezoid",
+            "sdirk2",
+            "trbdf2",
+            "gl4",
+            "gl6",
+            "radauIIA3",
+            "radauIIA5",
+        )  # fmt: skip
+    ),
 )
 SOLVERS_BY_NAME: dict[str, Solver] = {s.name: s for s in SOLVERS}
 
@@ -383,14 +474,68 @@ _JAX_PLAN: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "many_outputs": (("bosh3@h", "dopri5"), ()),
     "decreasing_time": (("dopri5@h", "tsit5"), ()),
     "cnf2d": (("heun2",), ("tsit5",)),
+    "stiff_linear": (("implicit_euler", "kvaerno5@h", "kvaerno3@h"), ()),
+    "stiff_tanh": (("kvaerno3@h", "kvaerno4@h", "implicit_euler"), ()),
 }
 #: JAX configurations that also run the stage-checkpointing mode.
-JAX_STAGES = {("linear", "dopri5@h"), ("tuple_state", "dopri5@h"), ("cnf2d", "heun2")}
+JAX_STAGES = {
+    ("linear", "dopri5@h"),
+    ("tuple_state", "dopri5@h"),
+    ("cnf2d", "heun2"),
+    ("stiff_linear", "kvaerno5@h"),
+}
+#: (case, solver) pairs whose JAX checks (and the cross-backend and NumPy comparisons
+#: that need the JAX solve) are marked ``slow``: deselected by default, run by
+#: ``pytest -m slow`` / ``--runslow`` / ``tox -e slow``. An implicit JAX solve costs
+#: 10-20 s of tracing and compiling per mode on the 2-core CI machine. The default run
+#: keeps one linear (oracle) and one nonlinear implicit configuration in JAX:
+#: ``stiff_linear`` with implicit Euler, ``stiff_tanh`` with Kvaerno3 held at ``h``.
+JAX_SLOW = {
+    ("stiff_linear", "kvaerno5@h"),
+    ("stiff_linear", "kvaerno3@h"),
+    ("stiff_tanh", "kvaerno4@h"),
+    ("stiff_tanh", "implicit_euler"),
+}
+
+#: Time-gradient configurations ``(case, solver, slow)``: the loss also depends on ``t0``
+#: and ``t1`` through a fixed grid; outputs ``y(t0) = y0`` and ``y(t1)`` (a node: no
+#: interpolation). The hosts' own constant grids are *different functions of t0, t1*:
+#:
+#: * torchdiffeq's ``step_size=h``: nodes ``t0 + n h`` with the last replaced by ``t1``
+#:   (``grid[-1] = t[-1]``): ``t0`` moves every node but the last, ``t1`` only the last;
+#: * diffrax 0.7's ``ConstantStepSize``: node 1 is ``t0 + dt0``, node ``n >= 2`` is
+#:   ``t0 + (t1 - t0) n / N`` (a fraction of the span, against accumulated rounding):
+#:   ``t1`` moves every node from the second on.
+#:
+#: Same values, different d/dt0 and d/dt1 (measured ~1e-3 apart on ``mlp``/midpoint), so
+#: each host's own grid is checked against that host's backprop only (``grid="step"``).
+#: For the comparison *across* hosts both build the uniform grid ``t0 + (t1 - t0) n / N``:
+#: torch through ``grid_constructor``, diffrax with ``dt0 = (t1 - t0) / N`` traced
+#: (``grid="uniform"``). Adaptive methods held at ``h`` are not comparable either:
+#: torchdiffeq steps past ``t1`` and interpolates, so its d/dt1 is an interpolant slope.
+TIME_GRIDS = ("step", "uniform")
+TIME_PLAN: tuple[tuple[str, str, bool], ...] = (
+    ("mlp", "midpoint", False),
+    ("stiff_tanh", "implicit_euler", False),
+    ("mlp", "heun2", True),
+)
+
+
+def _runs(case: Case, solver: Solver) -> bool:
+    """Explicit solvers on the non-stiff cases, implicit ones on the stiff cases."""
+    return case.stiff == solver.implicit
 
 
 def torch_plan() -> list[tuple[Case, Solver, str]]:
-    """Every case with every torchdiffeq method, in both dtypes."""
-    return [(c, s, d) for c in CASES for s in SOLVERS if s.torch_method is not None for d in DTYPES]
+    """Every case with every torch method that suits it (:func:`_runs`), in both dtypes
+    (the stiff cases in float64 only: Newton is held at :data:`NEWTON_TOL`)."""
+    return [
+        (c, s, d)
+        for c in CASES
+        for s in SOLVERS
+        if s.torch_method is not None and _runs(c, s)
+        for d in (("float64",) if c.stiff else DTYPES)
+    ]
 
 
 def jax_plan() -> list[tuple[Case, Solver, str]]:

@@ -7,7 +7,9 @@ Modes of :func:`solve`:
 
 Constant-step solvers use ``ConstantStepSize`` with ``dt0 = +-h`` (the grid lands on
 ``t1`` and every output time); adaptive ones a ``PIDController`` at the case
-tolerances. Each (case, solver, dtype, mode) is traced and compiled once, as one
+tolerances. Implicit solvers (ImplicitEuler, Kvaerno3/4/5) get
+``optimistix.Newton(rtol=atol=JAX_NEWTON_TOL)`` as their root finder.
+Each (case, solver, dtype, mode) is traced and compiled once, as one
 jitted ``value_and_grad`` that also returns the outputs, and cached for the session.
 """
 
@@ -21,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cases import Case, Solver
+from ..cases import JAX_NEWTON_TOL, Case, Solver
 from . import Result, grad_keys, standin, unavailable
 
-__all__ = ["MODES", "device_for", "make_loss", "ours_available", "solve"]
+__all__ = ["MODES", "device_for", "make_loss", "ours_available", "solve", "solve_times"]
 
 MODES = ("host", "states", "stages")
 
@@ -50,6 +52,15 @@ def device_for(name: str) -> jax.Device:
     return jax.devices(platform)[0]
 
 
+def _method(solver: Solver) -> diffrax.AbstractSolver:
+    cls = getattr(diffrax, solver.diffrax_solver)
+    if not solver.implicit:
+        return cls()
+    import optimistix
+
+    return cls(root_finder=optimistix.Newton(rtol=JAX_NEWTON_TOL, atol=JAX_NEWTON_TOL))
+
+
 def make_loss(case: Case, solver: Solver, dtype: str, mode: str):
     """``loss(params, y0, weights) -> (L, (ys, n_accepted))``: the case solved by diffrax
     with the mode's adjoint, ``L = sum_k <w_k, y(t_k)>`` (``weights``: one array per
@@ -62,7 +73,7 @@ def make_loss(case: Case, solver: Solver, dtype: str, mode: str):
     def vf(t: Any, y: Any, p: Any) -> Any:
         return field(jnp.asarray(t, jdt), y, p)
 
-    method = getattr(diffrax, solver.diffrax_solver)()
+    method = _method(solver)
     t0, t1 = float(case.t[0]), float(case.t[-1])
     if solver.constant_steps:
         controller: diffrax.AbstractStepSizeController = diffrax.ConstantStepSize()
@@ -108,4 +119,50 @@ def solve(case: Case, solver: Solver, dtype: str, device: str, mode: str) -> Res
         ys=tuple(np.asarray(y, np.float64) for y in ys),
         grads={k: np.asarray(v, np.float64) for k, v in zip(names, values, strict=True)},
         n_accepted=int(n_accepted),
+    )
+
+
+@functools.cache
+def _compiled_times(case: Case, solver: Solver, dtype: str, mode: str, grid: str):
+    if grid not in ("step", "uniform"):
+        raise ValueError(f"unknown grid {grid!r}")
+    jdt = jnp.dtype(dtype)
+    field, method, adjoint = case.field, _method(solver), _adjoint(mode)
+
+    def vf(t: Any, y: Any, p: Any) -> Any:
+        return field(jnp.asarray(t, jdt), y, p)
+
+    def loss(p: dict, y0: Any, t0: Any, t1: Any, w: jax.Array) -> tuple[jax.Array, Any]:
+        dt0 = case.signed_h if grid == "step" else (t1 - t0) / case.n_steps
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), method, t0, t1, dt0, y0, args=p,
+            saveat=diffrax.SaveAt(t0=True, t1=True), stepsize_controller=diffrax.ConstantStepSize(),
+            adjoint=adjoint, max_steps=case.n_steps,
+        )  # fmt: skip
+        return jnp.sum(w * sol.ys), sol.ys
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))
+
+
+def solve_times(
+    case: Case, solver: Solver, dtype: str, device: str, mode: str, grid: str
+) -> Result:
+    """As :func:`solve` with ``t0`` and ``t1`` differentiated too (``ConstantStepSize``,
+    outputs ``SaveAt(t0=True, t1=True)``): gradients ``"t0"`` and ``"t1"`` besides ``y0``
+    and the parameters. ``grid="step"``: ``dt0 = +-h`` a constant (diffrax's own grid);
+    ``"uniform"``: ``dt0 = (t1 - t0) / N``, every node ``t0 + (t1 - t0) n / N``
+    (:data:`~conformance.cases.TIME_GRIDS`)."""
+    if not solver.constant_steps or len(case.t) != 2 or case.is_tuple:
+        raise ValueError(f"no time-gradient configuration for {case.name} with {solver.name}")
+    dev = device_for(device)
+    jdt = jnp.dtype(dtype)
+    p = {k: jax.device_put(jnp.asarray(v, jdt), dev) for k, v in case.params.items()}
+    y0 = jax.device_put(jnp.asarray(case.y0, jdt), dev)
+    t0, t1 = (jax.device_put(jnp.asarray(x, jdt), dev) for x in case.t)
+    w = jax.device_put(jnp.asarray(case.weights, jdt), dev)
+    (_, ys), (gp, gy, g0, g1) = _compiled_times(case, solver, dtype, mode, grid)(p, y0, t0, t1, w)
+    grads = {"y0": gy, **{f"p.{k}": gp[k] for k in p}, "t0": g0, "t1": g1}
+    return Result(
+        ys=(np.asarray(ys, np.float64),),
+        grads={k: np.asarray(v, np.float64) for k, v in grads.items()},
     )

@@ -20,8 +20,15 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from symplectic_adjoint.core import ButcherTableau, get_tableau, rk_step, rk_step_vjp
+from symplectic_adjoint.core.implicit_methods import get_implicit_tableau, is_diagonally_implicit
+from symplectic_adjoint.core.implicit_step import (
+    implicit_step,
+    implicit_step_vjp,
+    newton_coupled_solve,
+    newton_stage_solve,
+)
 
-from ..cases import Case, Solver
+from ..cases import NEWTON_TOL, Case, Solver
 from . import Result
 
 __all__ = ["VJPS", "linear_oracle", "solve_core", "stability_coefficients"]
@@ -79,6 +86,12 @@ def _van_der_pol_vjp(t: float, y: np.ndarray, p: Params, g: np.ndarray):
     return yb, {"mu": np.array([(g1 * (1 - x * x) * v).sum()])}
 
 
+def _stiff_tanh_vjp(t: float, y: np.ndarray, p: Params, g: np.ndarray):
+    a = np.tanh(y @ p["W"].T + p["b"])
+    zb = g * (1 - a * a)
+    return zb @ p["W"] - g * p["d"], {"W": zb.T @ y, "b": zb.sum(0), "d": -(g * y).sum(0)}
+
+
 VJPS: dict[str, VJP] = {
     "linear": _linear_vjp,
     "mlp": _mlp_vjp,
@@ -86,6 +99,7 @@ VJPS: dict[str, VJP] = {
     "lotka_volterra": _lotka_volterra_vjp,
     "pendulum": _pendulum_vjp,
     "van_der_pol": _van_der_pol_vjp,
+    "stiff_tanh": _stiff_tanh_vjp,
 }
 
 
@@ -94,21 +108,21 @@ def _output_nodes(case: Case) -> dict[int, int]:
     return {int(round((tk - case.t[0]) / case.signed_h)): k for k, tk in enumerate(case.t)}
 
 
-def solve_core(case: Case, solver: Solver) -> Result:
-    """Forward and discrete adjoint with the core kernels on the constant grid ``h``."""
-    if case.numpy_vjp is None or not solver.constant_steps:
-        raise ValueError(f"no NumPy reference for {case.name} with {solver.name}")
-    tab = get_tableau(solver.tableau)
-    vjp, f, p = VJPS[case.numpy_vjp], case.field, case.params
+def _sweep(case: Case, c: tuple[float, ...], step: Callable, step_vjp: Callable) -> Result:
+    """Forward over the constant grid ``h``, then the discrete adjoint sweep.
+
+    ``step(tn, y) -> (y1, X)`` takes one step from ``tn`` (``X``: its stage inputs);
+    ``step_vjp(tn, lam, X, stage_vjp, pbar) -> StepVJP`` is its adjoint, given the stage
+    VJP (hand-written, stage ``i`` at time ``tn + c_i h``) that accumulates ``pbar``.
+    """
+    vjp, p = VJPS[case.numpy_vjp], case.params  # type: ignore[index]
     h, t0, nodes = case.signed_h, float(case.t[0]), _output_nodes(case)
     y = np.array(case.y0, dtype=np.float64)
     ys: list[np.ndarray] = [y] * len(case.t)
     stages = []
     for n in range(case.n_steps):
-        tn = t0 + n * h
-        step = rk_step(tab, lambda i, X, tn=tn: f(tn + tab.c[i] * h, X, p), y, h)
-        stages.append(step.X)
-        y = step.y1
+        y, X = step(t0 + n * h, y)
+        stages.append(X)
         if n + 1 in nodes:
             ys[nodes[n + 1]] = y
     w = case.weights
@@ -120,14 +134,131 @@ def solve_core(case: Case, solver: Solver) -> Result:
         tn = t0 + n * h
 
         def stage_vjp(i: int, X: np.ndarray, kb: np.ndarray, carry: dict, tn: float = tn):
-            yb, pb = vjp(tn + tab.c[i] * h, X, p, kb)
+            yb, pb = vjp(tn + c[i] * h, X, p, kb)
             return yb, None, {k: carry[k] + pb[k] for k in carry}
 
-        back = rk_step_vjp(tab, stage_vjp, lam, stages[n], h, carry=pbar)
+        back = step_vjp(tn, lam, stages[n], stage_vjp, pbar)
         lam, pbar = back.y0_bar, back.carry
     lam = lam + w[0]
     grads = {"y0": lam, **{f"p.{k}": v for k, v in pbar.items()}}
     return Result(ys=(np.stack(ys),), grads=grads)
+
+
+def solve_core(case: Case, solver: Solver) -> Result:
+    """Forward and discrete adjoint with the core kernels on the constant grid ``h``."""
+    if case.numpy_vjp is None or not solver.constant_steps:
+        raise ValueError(f"no NumPy reference for {case.name} with {solver.name}")
+    if solver.implicit:
+        return _solve_core_implicit(case, solver)
+    tab = get_tableau(solver.tableau)
+    f, p, h = case.field, case.params, case.signed_h
+
+    def step(tn: float, y: np.ndarray):
+        out = rk_step(tab, lambda i, X: f(tn + tab.c[i] * h, X, p), y, h)
+        return out.y1, out.X
+
+    def step_vjp(tn: float, lam: np.ndarray, X: list, stage_vjp: Callable, pbar: dict):
+        return rk_step_vjp(tab, stage_vjp, lam, X, h, carry=pbar)
+
+    return _sweep(case, tab.c, step, step_vjp)
+
+
+def _jacobians(vjp: VJP, t: float, X: np.ndarray, p: Params) -> np.ndarray:
+    """Row-wise Jacobians ``J[r] = df/dy`` at each row of ``X`` (the fields act row by row),
+    read off the hand-written VJP: the cotangent ``e_j`` on every row gives row ``j``."""
+    rows, n = X.shape
+    J = np.empty((rows, n, n))
+    for j in range(n):
+        g = np.zeros_like(X)
+        g[:, j] = 1.0
+        J[:, j, :] = vjp(t, X, p, g)[0]
+    return J
+
+
+def _block_solve(blocks: np.ndarray, r: list[np.ndarray]) -> list[np.ndarray]:
+    """Solve, row by row, the ``(s n) x (s n)`` systems ``blocks[r]`` (shape
+    ``(rows, s, n, s, n)``) for the right-hand sides ``r`` (``s`` arrays ``(rows, n)``)."""
+    rows, s, n = blocks.shape[:3]
+    rhs = np.stack(r, axis=1).reshape(rows, s * n, 1)
+    d = np.linalg.solve(blocks.reshape(rows, s * n, s * n), rhs).reshape(rows, s, n)
+    return [d[:, i] for i in range(s)]
+
+
+def _solve_core_implicit(case: Case, solver: Solver) -> Result:
+    """The implicit kernels (:func:`implicit_step` / :func:`implicit_step_vjp`) driven by
+    the core's reference Newton iterations, with dense row-wise Jacobians from the
+    hand-written VJPs for every linear solve (forward Newton and transposed adjoint)."""
+    tab = get_implicit_tableau(solver.tableau)
+    assert isinstance(tab, ButcherTableau)
+    vjp, f, p = VJPS[case.numpy_vjp], case.field, case.params  # type: ignore[index]
+    h, s, dirk = case.signed_h, tab.stages, is_diagonally_implicit(tab)
+    eye = np.eye(np.shape(case.y0)[-1])
+
+    def kernels(tn: float):
+        times = [tn + ci * h for ci in tab.c]
+
+        def fi(i: int, X: np.ndarray) -> np.ndarray:
+            return f(times[i], X, p)
+
+        def lin(i: int, X: np.ndarray, gamma: float, r: np.ndarray, T: bool = False):
+            """``(I - gamma J)^{(T)} d = r`` row by row."""
+            M = eye - gamma * _jacobians(vjp, times[i], X, p)
+            return np.linalg.solve(np.swapaxes(M, -1, -2) if T else M, r[..., None])[..., 0]
+
+        def lin_T(i: int, X: np.ndarray, gamma: float, r: np.ndarray) -> np.ndarray:
+            return lin(i, X, gamma, r, T=True)
+
+        def blocks(X: list, transpose: bool) -> np.ndarray:
+            J = [_jacobians(vjp, times[i], X[i], p) for i in range(s)]
+            rows, n = X[0].shape
+            B = np.zeros((rows, s, n, s, n))
+            for i in range(s):
+                for j in range(s):
+                    # forward: d_i - h J_i sum_j a_ij d_j; transposed: k_i - h sum_j a_ji J_j^T k_j
+                    Jij = (
+                        np.swapaxes(J[j], -1, -2) * tab.a[j][i] if transpose else J[i] * tab.a[i][j]
+                    )
+                    B[:, i, :, j, :] = (eye if i == j else 0.0) - h * Jij
+            return B
+
+        def coupled_lin(X, hh, r):
+            return _block_solve(blocks(list(X), False), list(r))
+
+        def coupled_lin_T(X, hh, r):
+            r = [np.zeros_like(X[0]) if ri is None else ri for ri in r]
+            return _block_solve(blocks(list(X), True), r)
+
+        return times, fi, lin, lin_T, coupled_lin, coupled_lin_T
+
+    def step(tn: float, y: np.ndarray):
+        _, fi, lin, _, clin, _ = kernels(tn)
+        solves = (
+            {"stage_solve": newton_stage_solve(fi, lin, tol=NEWTON_TOL)}
+            if dirk
+            else {"coupled_solve": newton_coupled_solve(tab, fi, clin, tol=NEWTON_TOL)}
+        )
+        out = implicit_step(tab, fi, y, h, **solves)
+        return out.y1, out.X
+
+    def step_vjp(tn: float, lam: np.ndarray, X: list, stage_vjp: Callable, pbar: dict):
+        _, _, _, lin_T, _, clin_T = kernels(tn)
+        solves_T = {"solve_T": lin_T} if dirk else {"coupled_solve_T": clin_T}
+        return implicit_step_vjp(tab, stage_vjp, lam, X, h, carry=pbar, **solves_T)
+
+    return _sweep(case, tab.c, step, step_vjp)
+
+
+def _implicit_step_map(tab: ButcherTableau, A: np.ndarray, h: float, dA: np.ndarray | None = None):
+    """``M = R(hA) = I + h (b^T (x) I)(I - h (a (x) A))^{-1} (1 (x) A)`` or, given ``dA``, its
+    exact directional derivative ``dM = h (b^T (x) I) K [h (a (x) dA) K (1 (x) A) + (1 (x) dA)]``
+    with ``K = (I - h (a (x) A))^{-1}`` (dense: the oracle of the implicit methods)."""
+    n, s = len(A), tab.stages
+    a, b, one = np.array(tab.a), np.array(tab.b)[None, :], np.ones((s, 1))
+    K = np.linalg.inv(np.eye(s * n) - h * np.kron(a, A))
+    B = h * np.kron(b, np.eye(n))
+    if dA is None:
+        return np.eye(n) + B @ K @ np.kron(one, A)
+    return B @ K @ (h * np.kron(a, dA) @ K @ np.kron(one, A) + np.kron(one, dA))
 
 
 def stability_coefficients(tab: ButcherTableau) -> list[float]:
@@ -149,11 +280,16 @@ def linear_oracle(case: Case, solver: Solver) -> Result:
     if not case.oracle or not solver.constant_steps:
         raise ValueError(f"no oracle for {case.name} with {solver.name}")
     A, h, nodes = case.params["A"], case.signed_h, _output_nodes(case)
-    r = stability_coefficients(get_tableau(solver.tableau))
-    powers = [np.eye(len(A))]
-    for _ in range(len(r)):
-        powers.append(powers[-1] @ A)
-    M = sum(rp * h**p * powers[p] for p, rp in enumerate(r))
+    if solver.implicit:
+        imp = get_implicit_tableau(solver.tableau)
+        assert isinstance(imp, ButcherTableau)
+        M = _implicit_step_map(imp, A, h)
+    else:
+        r = stability_coefficients(get_tableau(solver.tableau))
+        powers = [np.eye(len(A))]
+        for _ in range(len(r)):
+            powers.append(powers[-1] @ A)
+        M = sum(rp * h**p * powers[p] for p, rp in enumerate(r))
     y = np.array(case.y0, dtype=np.float64)
     traj = [y]
     for _ in range(case.n_steps):
@@ -168,6 +304,10 @@ def linear_oracle(case: Case, solver: Solver) -> Result:
         G += lam.T @ traj[n]  # y_{n+1} = y_n M^T (rows)
         lam = lam @ M
     lam = lam + w[0]
+    if solver.implicit:  # <G, dM/dA_ij> entry by entry: M is rational in A
+        E = np.eye(A.size).reshape(A.size, *A.shape)
+        A_bar = np.array([np.sum(G * _implicit_step_map(imp, A, h, e)) for e in E])
+        return Result(ys=(ys,), grads={"y0": lam, "p.A": A_bar.reshape(A.shape)})
     At = [P.T for P in powers]
     A_bar = sum(
         rp * h**p * sum(At[q] @ G @ At[p - 1 - q] for q in range(p))

@@ -10,6 +10,10 @@ Modes of :func:`solve`:
 
 Forced-constant solves hold an adaptive method at ``h``: ``first_step=h``,
 ``max_step=h`` and tolerances so loose that every step is accepted.
+
+Implicit methods are not in torchdiffeq: their ``"host"`` reference is
+``symplectic_adjoint.odeint(adjoint="backprop")`` (autograd through every Newton
+iteration), with Newton held at :data:`~conformance.cases.NEWTON_TOL` in every mode.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 import torchdiffeq
 
-from ..cases import Case, Solver
+from ..cases import NEWTON_TOL, Case, Solver
 from . import Result, grad_keys, standin, unavailable
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "odeint_ours",
     "ours_available",
     "solve",
+    "solve_times",
     "solver_options",
 ]
 
@@ -72,10 +77,11 @@ class StepRecordingField(FieldModule):
 
 def solver_options(case: Case, solver: Solver, dtype: str) -> tuple[float, float, dict]:
     """``(rtol, atol, options)`` for ``odeint`` (without the pinned first step)."""
+    newton = {"newton_rtol": NEWTON_TOL, "newton_atol": NEWTON_TOL} if solver.implicit else {}
     if solver.grid == "fixed":
-        return 0.0, 0.0, {"step_size": case.h}
+        return 0.0, 0.0, {"step_size": case.h, **newton}
     if solver.grid == "forced":
-        return _ACCEPT_ALL, _ACCEPT_ALL, {"first_step": case.h, "max_step": case.h}
+        return _ACCEPT_ALL, _ACCEPT_ALL, {"first_step": case.h, "max_step": case.h, **newton}
     rtol, atol = case.tolerances(dtype, solver.loosen)
     return rtol, atol, {}
 
@@ -136,7 +142,11 @@ def solve(case: Case, solver: Solver, dtype: str, device: str, mode: str) -> Res
     t = torch.tensor(case.t, dtype=tdt, device=device)
     rtol, atol, options = solver_options(case, solver, dtype)
     kw: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": solver.torch_method}
-    if mode == "host":
+    if mode == "host" and solver.implicit:
+        from symplectic_adjoint import odeint
+
+        ys = odeint(func, y0, t, adjoint="backprop", options=options, **kw)
+    elif mode == "host":
         if solver.grid == "adaptive":
             first = _torchdiffeq_first_step(func, y0, t, solver.torch_method, rtol, atol)
             options = {**options, "first_step": first}
@@ -158,3 +168,51 @@ def solve(case: Case, solver: Solver, dtype: str, device: str, mode: str) -> Res
         grads=out,
         steps=None if solver.grid == "fixed" else tuple(func.accepted),
     )
+
+
+def _uniform_grid(n: int):
+    """``grid_constructor`` of the nodes ``t0 + (t1 - t0) k / n``, ``k = 0..n`` (diffrax's
+    ``ConstantStepSize`` with ``dt0 = (t1 - t0) / n``)."""
+
+    def construct(func: Any, y0: Any, t: torch.Tensor) -> torch.Tensor:
+        k = torch.arange(n + 1, dtype=t.dtype, device=t.device) / n
+        return t[0] + (t[-1] - t[0]) * k
+
+    return construct
+
+
+def solve_times(
+    case: Case, solver: Solver, dtype: str, device: str, mode: str, grid: str
+) -> Result:
+    """As :func:`solve` on ``t = [t0, t1]``, with ``t`` differentiated too: gradients
+    ``"t0"`` (``t[0]``) and ``"t1"`` (``t[-1]``) besides ``y0`` and the parameters, on
+    torchdiffeq's ``step_size`` grid (``grid="step"``) or the uniform grid of
+    :func:`_uniform_grid` (``"uniform"``; :data:`~conformance.cases.TIME_GRIDS`)."""
+    if solver.grid != "fixed" or len(case.t) != 2 or case.is_tuple:
+        raise ValueError(f"no time-gradient configuration for {case.name} with {solver.name}")
+    tdt = _dtype(dtype)
+    func = FieldModule(case, tdt, device)
+    (y0,) = _as_tensors(case.y0_leaves, tdt, device)
+    t = torch.tensor(case.t, dtype=tdt, device=device, requires_grad=True)
+    rtol, atol, options = solver_options(case, solver, dtype)
+    if grid == "uniform":
+        options = {k: v for k, v in options.items() if k != "step_size"}
+        options["grid_constructor"] = _uniform_grid(case.n_steps)
+    elif grid != "step":
+        raise ValueError(f"unknown grid {grid!r}")
+    kw: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": solver.torch_method}
+    if mode == "host" and solver.implicit:
+        from symplectic_adjoint import odeint
+
+        ys = odeint(func, y0, t, adjoint="backprop", options=options, **kw)
+    elif mode == "host":
+        ys = torchdiffeq.odeint(func, y0, t, options=options, **kw)
+    else:
+        ys = odeint_ours(func, y0, t, mode, options=options, **kw)
+    params = list(func.params.values())
+    grads = torch.autograd.grad(loss_of(ys, case.weight_leaves), [y0, *params, t])
+    names = [*grad_keys(1, list(func.params.keys())), "t"]
+    out = {k: g.detach().cpu().double().numpy() for k, g in zip(names, grads, strict=True)}
+    tg = out.pop("t")
+    out.update({"t0": tg[0], "t1": tg[-1]})
+    return Result(ys=(ys.detach().cpu().double().numpy(),), grads=out)
