@@ -186,7 +186,7 @@ def test_accepted_steps_match_host(
     backend: str, case: str, solver: str, dtype: str, checkpoint: str, device: str
 ) -> None:
     """Our solve accepts the same steps as the host library: torch reports them through
-    ``callback_accept_step`` (DESIGN 3.2), diffrax counts them in ``sol.stats``."""
+    ``callback_accept_step`` (README, How it works), diffrax counts them in ``sol.stats``."""
     ours = result(backend, case, solver, dtype, device, checkpoint)
     host = result(backend, case, solver, dtype, device, "host")
     if backend == "torch":

@@ -1,7 +1,7 @@
 """Shared definitions of the JAX adapter tests (not a test module itself).
 
 One vector field (:class:`Field`) serves every JAX test file; ``relerr`` is the
-relative error of DESIGN.md section 5 over PyTrees.
+relative error of README, measurement protocol over PyTrees.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SymplecticAdjoint keeps one network graph alive at a time under XLA.
 
 Nothing is timed: the check reads XLA's ``temp_size_in_bytes`` of the compiled gradient
-(DESIGN.md section 5). With a wide network the graph of one vector-field evaluation
+(README, measurement protocol). With a wide network the graph of one vector-field evaluation
 dominates the temporaries, so a method with s stages must need about as much as Euler
 (s = 1). Left to itself XLA linearises every stage of a step before the first pull-back
 and holds s graphs (Dopri8 then needed 8x Euler's memory); the adapter prevents that.

@@ -2,7 +2,7 @@
 
 The reference for every gradient is plain backprop through ``torchdiffeq.odeint`` on
 the same problem with ``options["first_step"]`` pinned to the step size our solve
-recorded (DESIGN 3.1: torchdiffeq's initial step selection is otherwise differentiated).
+recorded (README, How it works: torchdiffeq's initial step selection is otherwise differentiated).
 For tsit5, which torchdiffeq lacks, the reference is backprop through the same solver
 class (``adjoint="backprop"``).
 """

@@ -4,7 +4,7 @@ Modes of :func:`solve`:
 
 * ``"host"``: ``torchdiffeq.odeint`` with plain backprop, the reference. For adaptive
   methods ``first_step`` is pinned to the value torchdiffeq would select, because
-  torchdiffeq 0.2.5 differentiates through its initial step selection (DESIGN 3.1).
+  torchdiffeq 0.2.5 differentiates through its initial step selection (README, How it works).
 * ``"states"`` / ``"stages"``: ``symplectic_adjoint.odeint(adjoint="symplectic",
   checkpoint=...)``, which selects its first step itself.
 

@@ -18,7 +18,7 @@ step (``num_accepted_steps`` went up) it writes into ``max_steps``-sized buffers
   the solver's dense-output information (via :class:`StageKeepingSolver`).
 
 Times are recorded as values: the accepted grid is constant data for the adjoint
-(DESIGN.md section 3.1); nothing here is differentiated.
+(README, How it works); nothing here is differentiated.
 """
 
 from __future__ import annotations

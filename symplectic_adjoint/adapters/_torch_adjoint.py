@@ -3,7 +3,7 @@
 Forward: :func:`solve` runs torchdiffeq's solver without a graph
 (:func:`~._torch_record.record_solve`) *before* the function is applied, watching what
 ``func`` reads (:mod:`._torch_inputs`): the tensors requiring grad it reads become inputs
-of the function besides ``y0``, ``t`` and the listed parameters (DESIGN 3.5). The
+of the function besides ``y0``, ``t`` and the listed parameters (README, What func may do). The
 function's forward then returns that solution and moves the checkpoints into
 ``ctx.save_for_backward``.
 

@@ -1,4 +1,4 @@
-"""Implicit Runge--Kutta solvers for the torch adapter (stiff problems), DESIGN.md section 3.4.
+"""Implicit Runge--Kutta solvers for the torch adapter (stiff problems), README, How it works: implicit steps.
 
 Solver classes in torchdiffeq 0.2.5's machinery, under torchdiffeq master's names:
 

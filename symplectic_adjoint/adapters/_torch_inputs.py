@@ -1,4 +1,4 @@
-"""What ``func`` reads, and replaying it in the backward pass (DESIGN.md section 3.5).
+"""What ``func`` reads, and replaying it in the backward pass (README, What func may do).
 
 The symplectic backward re-evaluates ``func`` long after the forward solve and pulls
 cotangents back through each evaluation. Everything an evaluation depends on must
@@ -500,7 +500,7 @@ def check_time_options(options: dict | None) -> None:
         if isinstance(x, torch.Tensor) and x.requires_grad:
             raise ValueError(
                 f"options[{name!r}] requires grad, but step and jump times are constants of "
-                "the discrete solve (DESIGN 3.1) and get no gradient: pass "
+                "the discrete solve (README, How it works) and get no gradient: pass "
                 f"options[{name!r}].detach()"
             )
 

@@ -66,7 +66,7 @@ class K1Source(enum.Enum):
 
 
 class StepMode(enum.Enum):
-    """How a step's end time depends on the inputs (for time gradients; DESIGN 3.1/3.2)."""
+    """How a step's end time depends on the inputs (for time gradients; README, How it works)."""
 
     CHAIN = "chain"  # t_{n+1} = t_n + h with h constant (adaptive steps, fixed-step event loop)
     PINNED = "pinned"  # t_{n+1} is a step_t/jump_t point (constant), h = t_{n+1} - t_n

@@ -3,7 +3,7 @@
 A :class:`ReverseSweep` is created per backward pass from the :class:`Recording` and the
 saved :class:`Checkpoints`; it holds the sweep's working state (the cotangent ``lam`` of
 ``y_{n+1}``, the carried FSAL cotangent, the time cotangents) while it walks the steps
-``n = N-1, ..., 0`` (DESIGN.md section 3):
+``n = N-1, ..., 0`` (README, How it works; Matsubara, Miyatake & Yaguchi, NeurIPS 2021):
 
 1. get the stage inputs ``X_i``: stored (``"stages"``), or recomputed without a graph
    from the stored ``y_n`` with the recorded step size (``"states"``; a budget replays
@@ -20,7 +20,7 @@ saved :class:`Checkpoints`; it holds the sweep's working state (the cotangent ``
    accumulated in place);
 5. time cotangents (when ``t`` requires grad): stage times ``t_n + c_i h`` give
    ``tbar_n`` and ``hbar``; an output at ``tau`` in ``[t_n, t_{n+1}]`` has
-   ``theta = (tau - t_n)/(t_{n+1} - t_n)``. Step sizes are constants (DESIGN 3.1), so
+   ``theta = (tau - t_n)/(t_{n+1} - t_n)``. Step sizes are constants (README, How it works), so
    ``t_{n+1} = t_n + h`` carries ``tbar`` back to ``t_0``; a step pinned to a
    ``step_t``/``jump_t`` point has a constant end and ``h = t_{n+1} - t_n``; on a fixed
    grid the node cotangents are pulled back through the grid constructor.

@@ -1,1 +1,1 @@
-"""Measured comparisons (benchmarks report; tests assert behaviour). See DESIGN.md section 5."""
+"""Measured comparisons (benchmarks report; tests assert behaviour). See README, measurement protocol."""

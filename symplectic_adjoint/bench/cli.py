@@ -3,7 +3,7 @@
 PyTorch: torchdiffeq backprop, torchdiffeq ``odeint_adjoint``, ours (``"states"``,
 ``"stages"``, a budget of ``c`` states). JAX: diffrax ``RecursiveCheckpointAdjoint``
 (``checkpoints=N``, the backprop reference, and the default), ``BacksolveAdjoint``,
-``DirectAdjoint``, ours. Columns: peak memory (DESIGN.md section 5), median time per
+``DirectAdjoint``, ours. Columns: peak memory (README, measurement protocol), median time per
 gradient, ratios to backprop, gradient error against backprop in float32 and float64.
 
 Writes ``results.md`` and ``results.json`` to ``--out`` as soon as each backend is

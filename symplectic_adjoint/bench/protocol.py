@@ -1,4 +1,4 @@
-"""The benchmark's problem sizes (DESIGN.md sections 5 and 6), importable without torch or jax.
+"""The benchmark's problem sizes (README, measurement protocol), importable without torch or jax.
 
 The command line shows them as defaults; :mod:`.torch_bench` and :mod:`.jax_bench` build
 their problems from them.

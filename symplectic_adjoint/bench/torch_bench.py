@@ -1,6 +1,6 @@
 """Benchmark: the symplectic adjoint against torchdiffeq's backprop and continuous adjoint.
 
-Protocol (DESIGN.md section 5): an MLP vector field 16 -> 64 -> 64 -> 16 (tanh), batch
+Protocol (README, measurement protocol): an MLP vector field 16 -> 64 -> 64 -> 16 (tanh), batch
 128, float32, ``torch.set_num_threads(1)``; rk4 with 50/100/200 fixed steps on
 ``[0, 1]`` and dopri5 at ``rtol = atol = 1e-6`` on ``[0, 10]`` (the smooth default-initialised
 MLP needs only 3 steps on ``[0, 1]``). For each case and each method
@@ -12,7 +12,7 @@ MLP needs only 3 steps on ``[0, 1]``). For each case and each method
 * time: median of ``repeats`` (>= 5) gradients after a warm-up, all methods in one run;
 * ratio: time / backprop's time;
 * error: ``||g - g_bp|| / ||g_bp||`` against backprop with ``first_step`` pinned to the
-  symplectic solve's (the same discrete solve; DESIGN 3.1).
+  symplectic solve's (the same discrete solve; README, How it works).
 
 Run: ``python -m symplectic_adjoint bench --backend torch``.
 """
@@ -38,7 +38,7 @@ from .report import add_ratios
 __all__ = ["make_field", "measure", "median_seconds", "peak_memory"]
 
 METHODS = ("backprop", "odeint_adjoint", "symplectic states", "symplectic stages")
-#: The protocol's MLP width and batch (DESIGN.md section 5).
+#: The protocol's MLP width and batch (README, measurement protocol).
 WIDTH, BATCH = TORCH_WIDTH, TORCH_BATCH
 
 
@@ -86,7 +86,7 @@ def _gradient_fn(name: str, field: torch.nn.Module, y0: torch.Tensor, case: dict
 
 
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
-    """Peak memory of ``fn()`` in bytes, above what was allocated before (DESIGN.md section 5).
+    """Peak memory of ``fn()`` in bytes, above what was allocated before (README, measurement protocol).
 
     CPU: the peak of the running sum of the allocator events recorded by
     ``torch.profiler`` with ``profile_memory=True`` (byte-reproducible); the profiler's
@@ -169,7 +169,7 @@ def _cases(steps: Sequence[int], dopri5: bool) -> list[dict]:
 
 def _pinned(case: dict, field: torch.nn.Module, y0: torch.Tensor) -> tuple[dict, int]:
     """The case with ``first_step`` pinned to the symplectic solve's (the same discrete
-    solve for every method, DESIGN 3.1), and its number of accepted steps."""
+    solve for every method, README, How it works), and its number of accepted steps."""
     stats = SolveStats()
     t = torch.tensor([0.0, case["t1"]], dtype=y0.dtype, device=y0.device)
     with torch.no_grad():

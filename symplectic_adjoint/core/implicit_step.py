@@ -1,6 +1,6 @@
 """One implicit (or IMEX) Runge--Kutta step and its exact discrete adjoint, array-API generic.
 
-Forward (DESIGN.md section 3.4)::
+Forward (README, How it works: implicit steps)::
 
     X_i = y_n + h sum_j a_ij k_j,   k_i = f(i, X_i),   y_{n+1} = y_n + h sum_i b_i k_i
 

@@ -10,7 +10,7 @@ The stage function ``f(i, X)`` is supplied by the adapter, which knows the stage
 linear algebra, so it runs unchanged on NumPy, torch, JAX and array-api-strict arrays.
 
 The reverse kernel (:func:`rk_step_vjp`) is the discrete adjoint of that map, the
-recursion of DESIGN.md section 3::
+recursion of README, How it works; Matsubara, Miyatake & Yaguchi, NeurIPS 2021::
 
     for i = s, ..., 1:
         kbar_i = h b_i lam + h sum_{j>i} a_ji Xbar_j  (+ extra cotangent on k_i)

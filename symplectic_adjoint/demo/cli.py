@@ -9,7 +9,7 @@ What it does, in order:
    same solver steps (the relative error is at rounding level, ~1e-15: the symplectic
    adjoint is the exact gradient of the discrete solve, not an approximation);
 3. measures peak memory and median time of one training iteration for the symplectic
-   adjoint, backprop and the continuous adjoint (DESIGN.md §5);
+   adjoint, backprop and the continuous adjoint (README, measurement protocol);
 4. saves a PNG with the data, the learned density and samples, and prints a summary
    whose table has backprop as the reference of every ratio.
 
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     if config.backend == "torch":
         import torch
 
-        torch.set_num_threads(1)  # DESIGN §5: comparable timings on small shared machines
+        torch.set_num_threads(
+            1
+        )  # README, measurement protocol: comparable timings on small shared machines
     print(
         f"Training a CNF on '{config.density}' for {config.iterations} iterations "
         f"({config.backend}, {config.solver}, adjoint={config.adjoint!r}), then checking "

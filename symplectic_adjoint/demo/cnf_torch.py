@@ -14,7 +14,7 @@ with backprop.
 Public names: the model (:class:`CNF`, :class:`SolveSpec`, :func:`log_prob`,
 :func:`sample`), the gradient check (:func:`gradient_rel_error`) and :func:`run_demo`,
 the demo's torch run. Memory and time are measured with the benchmark's helpers
-(:mod:`symplectic_adjoint.bench.torch_bench`, DESIGN §5).
+(:mod:`symplectic_adjoint.bench.torch_bench`, README, measurement protocol).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class SolveSpec:
     """How every ODE solve of the flow is integrated (method, grid or tolerances).
 
     Fixed-grid methods use ``n_steps`` equal steps on ``[0, 1]``; adaptive methods use
-    ``rtol``/``atol`` and, when given, a pinned ``first_step`` (DESIGN §3.1).
+    ``rtol``/``atol`` and, when given, a pinned ``first_step`` (README, How it works).
     ``checkpoint`` is what the symplectic adjoint keeps (``"states"`` or ``"stages"``);
     the other adjoints ignore it.
     """
@@ -200,7 +200,7 @@ def gradient_rel_error(
     Runs on a float64 copy of ``model``. For adaptive methods the first step that the
     ``adjoint`` solve selected is pinned in the reference solve, so both differentiate
     the same discrete computation (torchdiffeq's backprop would otherwise also
-    differentiate its initial step selection, DESIGN §3.1). Returns the error and the
+    differentiate its initial step selection, README, How it works). Returns the error and the
     solve spec of the reference.
     """
     model64 = copy.deepcopy(model).double()
