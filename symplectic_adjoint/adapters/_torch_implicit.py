@@ -1,4 +1,6 @@
-"""Implicit Runge--Kutta solvers for the torch adapter (stiff problems), README, How it works: implicit steps.
+"""Implicit Runge--Kutta solvers for the torch adapter (stiff problems).
+
+The mathematics: README, "How it works: implicit steps".
 
 Solver classes in torchdiffeq 0.2.5's machinery, under torchdiffeq master's names:
 

@@ -5,7 +5,8 @@ low-memory gradients.
 step-size controller (forward values are diffrax's, bit for bit) and records the
 accepted steps. Its reverse pass is the discrete adjoint of that solve -- the gradient
 ``RecursiveCheckpointAdjoint`` gives, to rounding -- computed by the reverse stage
-recursion of README, How it works; Matsubara, Miyatake & Yaguchi, NeurIPS 2021 with one vector-field VJP alive at a time::
+recursion (README, "How it works"; Matsubara, Miyatake & Yaguchi, NeurIPS 2021) with
+one vector-field VJP alive at a time::
 
     for each accepted step n = N-1, ..., 0, for each stage i = s, ..., 1:
         kbar_i = b_i lam + sum_{j>i} a_ji Xbar_j  (+ cotangents of SaveAt(ts) outputs)

@@ -4,7 +4,8 @@
 ``torchdiffeq.odeint`` returns (it runs torchdiffeq's own solver, so the accepted steps
 and the interpolated outputs are torchdiffeq's), and its gradients are the exact
 gradients of that discrete solve, computed by the symplectic adjoint (the reverse stage
-recursion of README, How it works; Matsubara, Miyatake & Yaguchi, NeurIPS 2021) with one network graph alive at a time:
+recursion; README, "How it works"; Matsubara, Miyatake & Yaguchi, NeurIPS 2021)
+with one network graph alive at a time:
 
     for each accepted step n = N-1, ..., 0, for each stage i = s, ..., 1:
         kbar_i = h b_i lam + h sum_{j>i} a_ji Xbar_j  (+ output interpolation terms)
@@ -136,7 +137,8 @@ def odeint(
     interpolation returns the node's state itself, so (like torchdiffeq) no derivative
     of the interpolant is taken there.
 
-    What func may do (symplectic, README, What func may do): the backward re-evaluates ``func`` with the
+    What func may do (symplectic; README, "What func may do"): the backward re-evaluates
+    ``func`` with the
     random numbers, autocast state and module state of the forward pass (BatchNorm
     statistics end as after the forward alone). A ``func`` that draws random numbers
     costs one generator state per stage and step (5 KiB each for the CPU generator);

@@ -1,1 +1,4 @@
-"""Measured comparisons (benchmarks report; tests assert behaviour). See README, measurement protocol."""
+"""Measured comparisons (benchmarks report; tests assert behaviour).
+
+The measurement protocol is in the README ("How it works").
+"""

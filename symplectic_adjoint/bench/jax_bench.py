@@ -1,6 +1,8 @@
-"""Memory and time of diffrax's adjoints against :class:`SymplecticAdjoint` (README, measurement protocol).
+"""Memory and time of diffrax's adjoints against :class:`SymplecticAdjoint`.
 
-Problem (README, measurement protocol): Tsit5 with ``ConstantStepSize``, ``N`` steps over ``[0, 1]``,
+Measured as the README's measurement protocol says.
+
+Problem: Tsit5 with ``ConstantStepSize``, ``N`` steps over ``[0, 1]``,
 ``y`` of shape 256x32 float32, vector field an MLP 32 -> 128 -> 128 -> 32 (tanh)
 applied row-wise; the loss is ``sum(y(1)^2)``, differentiated with respect to the MLP's
 parameters and ``y0``. ``max_steps = N`` so that every buffer is exactly ``N`` long.

@@ -86,7 +86,8 @@ def _gradient_fn(name: str, field: torch.nn.Module, y0: torch.Tensor, case: dict
 
 
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
-    """Peak memory of ``fn()`` in bytes, above what was allocated before (README, measurement protocol).
+    """Peak memory of ``fn()`` in bytes, above what was allocated before
+    (the README's measurement protocol).
 
     CPU: the peak of the running sum of the allocator events recorded by
     ``torch.profiler`` with ``profile_memory=True`` (byte-reproducible); the profiler's

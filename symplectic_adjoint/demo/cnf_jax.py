@@ -11,7 +11,8 @@ adjoint sees the same steps and buffers sized to the solve. The gradient method 
 :class:`symplectic_adjoint.SymplecticAdjoint`, ``diffrax.RecursiveCheckpointAdjoint``
 (backprop through the solver loop, with or without recursive checkpointing) or
 ``diffrax.BacksolveAdjoint`` (the continuous adjoint). Memory is XLA's temporary
-buffer size of the compiled gradient (README, measurement protocol), time the median of several calls.
+buffer size of the compiled gradient (the README's measurement protocol), time the
+median of several calls.
 """
 
 from __future__ import annotations
