@@ -138,8 +138,8 @@ def odeint(
     of the interpolant is taken there.
 
     What func may do (symplectic; README, "What func may do"): the backward re-evaluates
-    ``func`` with the
-    random numbers, autocast state and module state of the forward pass (BatchNorm
+    ``func`` with the random numbers, autocast state and module state of the forward
+    pass (BatchNorm
     statistics end as after the forward alone). A ``func`` that draws random numbers
     costs one generator state per stage and step (5 KiB each for the CPU generator);
     a deterministic one costs nothing of the kind. With ``create_graph=True`` the first
