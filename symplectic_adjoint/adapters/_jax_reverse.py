@@ -120,7 +120,8 @@ class Output(eqx.Module):
     ``fn(t0, y0, args)``; ``t1_slot``: ``(index, pred)``, the slot ``_save_t1`` wrote and
     whether it holds the final value, or ``None``; ``ts``: the output times (or
     ``None``); ``steps``: ``SaveAt(steps=...)``; ``ybar``: the cotangent of the save
-    buffer (materialised); ``need_ts_bar``: whether ``ts`` is differentiated.
+    buffer (materialised); ``need_ts_bar``: whether ``ts`` is differentiated;
+    ``tsbar``: the cotangent of the buffer of save times (``sol.ts``), or ``None``.
     """
 
     fn: Any
@@ -130,6 +131,14 @@ class Output(eqx.Module):
     steps: int = eqx.field(static=True)
     ybar: Any
     need_ts_bar: bool = eqx.field(static=True)
+    tsbar: Any = None
+
+
+def _tsbar_at(out: Output, slot: Any, pred: Any = True) -> Any:
+    """The cotangent of save time ``slot`` of ``out`` (zero where ``pred`` is false)."""
+    if out.tsbar is None:
+        return 0.0
+    return jnp.where(pred, out.tsbar[slot], 0.0)
 
 
 def reverse_sweep(
@@ -254,9 +263,11 @@ def reverse_sweep(
             pred = pred & ~event[1]  # else the value at the event time (below)
         out_bar = _mask(pred, _at(out.ybar, index))
         tb, yb, ab = fn_vjp(q, t_final, y_final, out_bar)
+        # The slot's save time is the final time too.
+        tb = tb + _tsbar_at(out, index, pred)
         lam = _tree_add(lam, yb)
         acc0 = add_args(acc0, q, ab)
-        if out.fn is not save_y:
+        if out.fn is not save_y or out.tsbar is not None:
             if dir0 is not None:
                 last = jnp.maximum(num_steps - 1, 0)
                 dir0 = dir0 + jnp.where(num_steps > 0, tb, 0.0) * dtimes[:, 1, last]
@@ -328,7 +339,8 @@ def reverse_sweep(
                 tb, yb, ab = fn_vjp(q, rec.tnext[n], y_n1, out_bar)
                 y1b = _tree_add(y1b, yb)
                 acc = add_args(acc, q, ab)
-                t_after = t_after + tb
+                # The slot's save time is the time after the step.
+                t_after = t_after + tb + _tsbar_at(out, save_after - 1, saved)
             if out.ts is not None:
                 ts = out.ts
 
@@ -339,10 +351,14 @@ def reverse_sweep(
                     j, y0b, y1b, kb, tsb, tpair, acc = carry
                     slot = save_before + (j - ts_before)
                     out_bar = _at(outputs[q].ybar, slot)
+                    holds = True
                     if event is not None:
                         # Deleted after the event time (inf), or overwritten by the final
                         # value: the slot no longer holds this output.
-                        out_bar = _mask(event[2][q][slot] == ts[j], out_bar)
+                        holds = event[2][q][slot] == ts[j]
+                        out_bar = _mask(holds, out_bar)
+                    # The slot's save time is ts[j] itself.
+                    tsb = tsb.at[j].add(_tsbar_at(outputs[q], slot, holds))
                     tb, d0, d1, dk, dtp, dtn, da = interp_vjp(
                         q, ts[j], out_bar, tprev, tnext, y_n, y_n1, k_stacked
                     )
@@ -418,6 +434,8 @@ def reverse_sweep(
         for q in t1_outs:
             out_bar = _mask(happened, _at(outputs[q].ybar, outputs[q].t1_slot[0]))
             tb, yb, ab = fn_vjp(q, t_star, y_star, out_bar)
+            # The slot's save time is the event time t* too.
+            tb = tb + _tsbar_at(outputs[q], outputs[q].t1_slot[0], happened)
             t_bar, y_star_bar = t_bar + tb, _tree_add(y_star_bar, yb)
             acc0 = add_args(acc0, q, ab)
         tI, d0, d1, dk, dtp, dtn = interp_pull(y_star_bar)
@@ -546,7 +564,7 @@ def reverse_sweep(
             tb, yb, ab = fn_vjp(q, t0, y0, _at(out.ybar, 0))
             lam = _tree_add(lam, yb)
             acc = add_args(acc, q, ab)
-            t0_bar = t0_bar + tb
+            t0_bar = t0_bar + tb + _tsbar_at(out, 0)
         if out.ts is not None:
             # A zero-length solve writes fn(t0, y_0) into every `ts` slot (diffrax's
             # t0 == t1 case).
@@ -559,6 +577,9 @@ def reverse_sweep(
             lam = _tree_add(lam, yb)
             acc = add_args(acc, q, ab)
             t0_bar = t0_bar + tb
+            if out.tsbar is not None:
+                # ... and their save times are t0.
+                t0_bar = t0_bar + jnp.where(t0_equals_t1, jnp.sum(out.tsbar[lo:hi]), 0.0)
     if dense_bar is not None:
         t0_bar = t0_bar + dense_bar[1][0]
     (args_bar, terms_bar), fn_bars = acc

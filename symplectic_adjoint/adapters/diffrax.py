@@ -96,7 +96,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     `checkpoint="states"`/`"stages"`) at the root `t*` inside that step, the final value
     being the interpolant at `t*` and `t*`'s gradient the implicit-function-theorem one
     that `RecursiveCheckpointAdjoint` gets through optimistix; `jax.jit`, `jax.vmap` on
-    either side of `jax.grad`. `sol.ts` is not differentiated (use the times you passed).
+    either side of `jax.grad`. `sol.ts` is differentiated: a `ts` slot is `ts[j]`, the
+    `t0` slot `t0`, the `t1` slot the final time (`t1`, the end of the step where an event
+    fired, or a root finder's event time `t*`), a `steps` slot the end of its step.
 
     **Gradients** with respect to `y0`, `args` (any PyTree), the inexact arrays inside
     `terms` (the parameters of an `eqx.Module` vector field, and a control path's data:
@@ -263,6 +265,14 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             event=event,  # without a root finder: a discrete stop, nothing to differentiate
         )
         out = only_transpose_ys(final_state)
+        # The save times (`sol.ts`) are differentiated too: a `ts` slot is `ts[j]`, the
+        # t0 slot `t0`, the t1 slot the final time (or event time), a `steps` slot the
+        # end of its step; the backward pass routes their cotangents to those inputs.
+        out = eqx.tree_at(
+            lambda s: [st.ts for st in save_states(s.save_state)],
+            out,
+            [st.ts for st in save_states(final_state.save_state)],
+        )
         if saveat.dense:
             # Dense output is differentiated (its buffers' cotangents go to the steps).
             out = eqx.tree_at(
@@ -560,6 +570,8 @@ def _loop_symplectic_bwd(
     subs = _subs(saveat)
     grad_states = save_states(grad_final_state.save_state)
     ybars = [st.ys for st in grad_states] if grad_states else [None] * len(subs)
+    # The cotangents of the save times (`sol.ts`); None where a symbolic zero.
+    tsbars = [st.ts for st in grad_states] if grad_states else [None] * len(subs)
     outputs = []
     for q, sub in enumerate(subs):
         # Symbolic zeros (undifferentiated outputs) become real zeros: the sweep reads slots.
@@ -578,6 +590,7 @@ def _loop_symplectic_bwd(
                 steps=steps,
                 ybar=ybar,
                 need_ts_bar=ts[q] is not None and bool(perturbed[3][q]),
+                tsbar=tsbars[q],
             )
         )
     dense_bar = None
