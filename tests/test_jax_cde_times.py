@@ -178,6 +178,7 @@ def test_time_gradients(name, controller, saveat_kind, solver, use_dt0):
         assert nonzero(g_ref[i]), i
 
 
+@pytest.mark.slow  # two vmapped budget sweeps with time tangents: minutes to compile
 def test_time_gradients_vmap():
     # Ragged adaptive step counts across the batch; grad-of-vmap and vmap-of-grad.
     t0s, t1s = jnp.array([0.0, 0.1, -0.2]), jnp.array([1.0, 1.5, 0.7])
