@@ -1,0 +1,202 @@
+"""Programs a diffrax user would write, SymplecticAdjoint against RecursiveCheckpointAdjoint.
+
+float64: outputs to 1e-12, gradients to 1e-10 relative; or a clear refusal naming RCA.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+jax = pytest.importorskip("jax")
+diffrax = pytest.importorskip("diffrax")
+eqx = pytest.importorskip("equinox")
+optx = pytest.importorskip("optimistix")
+
+import jax.numpy as jnp  # noqa: E402
+import jax.tree_util as jtu  # noqa: E402
+
+from symplectic_adjoint import SymplecticAdjoint  # noqa: E402
+
+pytestmark = pytest.mark.jax
+
+jax.config.update("jax_enable_x64", True)
+
+RCA = diffrax.RecursiveCheckpointAdjoint()
+Y0 = jnp.array([0.5, -0.3])
+
+
+def _rel(a, b):
+    m = 0.0
+    for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True):
+        m = max(m, float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-300)))
+    return m
+
+
+def _agree(f, *xs, argnums=0):
+    vr, gr = jax.value_and_grad(lambda *a: f(RCA, *a), argnums=argnums)(*xs)
+    vs, gs = jax.value_and_grad(lambda *a: f(SymplecticAdjoint(), *a), argnums=argnums)(*xs)
+    assert _rel(vs, vr) <= 1e-12
+    assert _rel(gs, gr) <= 1e-10
+
+
+def _osc(t, y, a):
+    return jnp.array([y[1], -a * y[0]])
+
+
+def _decay_closure(adj, y, c):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, a: -y * c),
+        diffrax.Tsit5(),
+        0.0,
+        1.0,
+        0.1,
+        y,
+        adjoint=adj,
+        max_steps=16,
+    )
+    return jnp.sum(sol.ys**2)
+
+
+_CLOSURE_REASON = (
+    "vector field closing over a jit/vmap tracer that is NOT differentiated: "
+    "RCA works, SymplecticAdjoint crashes with the obscure "
+    "'TypeError: No constant handler for type: ...Tracer'"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_CLOSURE_REASON)
+def test_closure_over_jit_traced_constant():
+    c = jnp.array([1.0, 2.0])
+
+    def grad_y0(adj):
+        return jax.jit(lambda y, c: jax.grad(lambda y: _decay_closure(adj, y, c))(y))(Y0, c)
+
+    assert _rel(grad_y0(SymplecticAdjoint()), grad_y0(RCA)) <= 1e-10
+
+
+@pytest.mark.xfail(strict=True, reason=_CLOSURE_REASON)
+def test_closure_over_vmap_traced_constant():
+    cs = jnp.array([[1.0, 2.0], [2.0, 4.0]])
+
+    def grads(adj):
+        return jax.vmap(lambda c: jax.grad(lambda y: _decay_closure(adj, y, c))(Y0))(cs)
+
+    assert _rel(grads(SymplecticAdjoint()), grads(RCA)) <= 1e-10
+
+
+def test_closure_differentiated_raises():
+    with pytest.raises(Exception, match="closed-over value"):
+        jax.grad(lambda c: _decay_closure(SymplecticAdjoint(), Y0, c))(jnp.array([1.0, 2.0]))
+
+
+def test_backward_time_pid_ts_int_args():
+    def f(adj, y, k):
+        a = {"k": k, "n": 3}
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: -a["k"] * y * a["n"] + jnp.cos(t)),
+            diffrax.Tsit5(),
+            1.0,
+            0.0,
+            -0.1,
+            y,
+            args=a,
+            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+            saveat=diffrax.SaveAt(ts=jnp.array([0.8, 0.3, 0.0])),
+            adjoint=adj,
+            max_steps=64,
+        )
+        return jnp.sum(sol.ys**2)
+
+    _agree(f, Y0, 0.7, argnums=(0, 1))
+
+
+def test_root_event_threshold_in_args_grad_t0():
+    def f(adj, y, a, t0):
+        ev = diffrax.Event(
+            lambda t, y, args, **kw: y[0] - args[1],
+            root_finder=optx.Newton(rtol=1e-10, atol=1e-10),
+        )
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: _osc(t, y, a[0])),
+            diffrax.Dopri5(),
+            t0,
+            10.0,
+            0.1,
+            y,
+            args=a,
+            adjoint=adj,
+            max_steps=64,
+            event=ev,
+            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+            saveat=diffrax.SaveAt(t0=True, t1=True),
+        )
+        return jnp.sum(sol.ys**2) + jnp.sum(sol.ts**2)
+
+    _agree(f, jnp.array([1.0, 0.5]), jnp.array([1.0, 0.2]), 0.1, argnums=(0, 1, 2))
+
+
+def test_tuple_state_dense_pid_jump_step_ts():
+    def f(adj, y):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: (y[1], -y[0] - 0.1 * y[1] ** 3)),
+            diffrax.Bosh3(),
+            0.0,
+            1.0,
+            None,
+            y,
+            adjoint=adj,
+            max_steps=64,
+            stepsize_controller=diffrax.PIDController(
+                rtol=1e-5, atol=1e-5, jump_ts=jnp.array([0.33]), step_ts=jnp.array([0.5])
+            ),
+            saveat=diffrax.SaveAt(dense=True),
+        )
+        return sol.evaluate(0.77)[0] ** 2 + sol.derivative(0.4)[1]
+
+    _agree(f, (jnp.array(0.3), jnp.array(1.0)))
+
+
+def test_implicit_grid_time_grad_refused():
+    def f(t1):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: -10 * y),
+            diffrax.ImplicitEuler(root_finder=optx.Newton(rtol=1e-10, atol=1e-10)),
+            0.0,
+            t1,
+            0.1,
+            Y0,
+            adjoint=SymplecticAdjoint(),
+            max_steps=16,
+        )
+        return jnp.sum(sol.ys)
+
+    with pytest.raises(NotImplementedError, match="RecursiveCheckpointAdjoint"):
+        jax.grad(f)(1.0)
+
+
+@pytest.mark.slow
+def test_cubic_cde_budget_two():
+    ts = jnp.linspace(0.0, 1.0, 5)
+
+    def f(adj, data, y):
+        if adj is not RCA:
+            adj = SymplecticAdjoint(checkpoint=2)
+        path = diffrax.CubicInterpolation(ts, diffrax.backward_hermite_coefficients(ts, data))
+        term = diffrax.ControlTerm(
+            lambda t, y, a: jnp.tanh(a * y)[:, None] * jnp.ones((2, 2)), path
+        )
+        sol = diffrax.diffeqsolve(
+            term,
+            diffrax.Tsit5(),
+            0.0,
+            1.0,
+            None,
+            y,
+            args=jnp.array([1.0, 0.5]),
+            adjoint=adj,
+            max_steps=32,
+            stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-5, jump_ts=ts),
+        )
+        return jnp.sum(sol.ys**2)
+
+    _agree(f, jnp.stack([ts, jnp.sin(3 * ts)], -1), Y0, argnums=(0, 1))
