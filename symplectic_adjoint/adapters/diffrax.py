@@ -112,9 +112,11 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     `d(t_n, t_{n+1})/d(times)`; the reverse pass takes each step's end-time cotangents
     from the stage VJPs (stage times and control) and the output interpolants. Values
     closed over by the vector field (rather than passed in `args` or held by the term,
-    as in the `WeaklyDiagonalControlTerm` shim of diffrax 0.7) cannot be differentiated
-    (JAX raises `CustomVJPException`), nor a `solver_state`/`controller_state` passed to
-    `diffeqsolve`.
+    as in the `WeaklyDiagonalControlTerm` shim of diffrax 0.7) cannot be differentiated:
+    a vector field closing over a value traced by an enclosing `jit`/`vmap`/`grad`
+    raises `TypeError` at trace time naming `args` (JAX's `CustomVJPException` where the
+    closure hides inside another callable); nor a `solver_state`/`controller_state`
+    passed to `diffeqsolve`.
 
     A save function `fn(t, y, args)` is differentiated at each saved `(t, y, args)` (for
     `ts`, at the interpolated state), including the arrays it closes over (it is
@@ -253,6 +255,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             for sub in _subs(saveat)
         ]
         saveat = _with_fns(saveat, [save_y] * len(fns))
+        _refuse_closed_over_tracers(terms, t0, y, args)
         final_state, aux_stats = _loop_symplectic(
             (y, args, terms, ts, times, fns),
             self=self,
@@ -342,6 +345,35 @@ def _implicit_kernel(self, tableau, solver, terms=None):
             "yet; use checkpoint='states' or 'stages'."
         )
     return ImplicitKernel(tableau, solver, self.linear_solver)
+
+
+def _vector_fields(terms: Any) -> list:
+    """The plain-function vector fields inside ``terms`` (through diffrax's wrappers)."""
+    if isinstance(terms, WrapTerm):
+        return _vector_fields(terms.term)
+    if isinstance(terms, diffrax.MultiTerm):
+        return [vf for t in terms.terms for vf in _vector_fields(t)]
+    vf = getattr(terms, "vector_field", None)
+    return [vf] if callable(vf) and not isinstance(vf, eqx.Module) else []
+
+
+def _refuse_closed_over_tracers(terms: Any, t0: Any, y: Any, args: Any) -> None:
+    """Refuse, at trace time, a vector field closing over a value traced by an outer
+    ``jit``/``vmap``/``grad``: the custom VJP cannot carry it (JAX would fail later, at
+    lowering, with "No constant handler for type: ...Tracer")."""
+    for vf in _vector_fields(terms):
+        try:
+            converted = eqx.filter_closure_convert(vf, t0, y, args)
+        except Exception:  # noqa: BLE001 - detection only: never block a solve it cannot trace
+            continue
+        if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(converted)):
+            raise TypeError(
+                "`SymplecticAdjoint`: the vector field closes over a JAX array traced by an "
+                "enclosing `jax.jit`/`jax.vmap`/`jax.grad`. Pass such arrays through "
+                "`diffeqsolve(..., args=...)` or hold them in an `eqx.Module` vector field "
+                "(they are then differentiable too), or use "
+                "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+            )
 
 
 def _ode_terms_only(terms: Any) -> bool:
