@@ -48,3 +48,32 @@ def test_bench_quick_writes_tables_json_and_plots(backend, tmp_path, capfd):
     continuous = [r for r in rows if r["method"] in {"odeint_adjoint", "Backsolve"}]
     # The continuous adjoint is not exact: the error column discriminates.
     assert max(r["error_f64"] for r in continuous) > 1e-10
+
+
+# --suite stiff / --suite budget (issues 13, 14, 16): the tables' headers, reference first.
+SUITES = [
+    # (suite, backend, reference label in the header, reference method, extra header text)
+    ("stiff", "torch", "backprop", "backprop", ""),
+    ("stiff", "jax", "RCA(N)", "RecursiveCheckpoint(N)", ""),
+    ("budget", "torch", "states", "symplectic states", "| replayed | formula |"),
+]
+
+
+@pytest.mark.parametrize("suite, backend, ref, first, extra", SUITES)
+def test_bench_suite_quick_prints_its_table(suite, backend, ref, first, extra, tmp_path, capfd):
+    pytest.importorskip(backend)
+    if backend == "jax":
+        pytest.importorskip("optimistix")
+    out = tmp_path / "bench"
+    argv = ["bench", "--quick", "--suite", suite, "--backend", backend, "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+
+    printed = capfd.readouterr().out
+    assert f"| memory / {ref} |" in printed and f"| time / {ref} |" in printed
+    assert extra in printed
+    rows = json.loads((out / f"results-{suite}.json").read_text())["rows"]
+    assert rows[0]["method"] == first and rows[0]["memory_ratio"] == 1.0
+    assert {r["backend"] for r in rows} == {backend}
+    if suite == "budget":  # the fixed grid replays the binomial optimum exactly
+        fixed = [r for r in rows if r["case"] == "rk4" and r["method"] != first]
+        assert fixed and all(r["replayed"] == r["formula"] for r in fixed)

@@ -108,6 +108,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         metavar="DIR",
         help="output folder (default: bench-out)",
     )
+    add(
+        "--suite",
+        choices=["default", "stiff", "budget"],
+        default="default",
+        help="default: the sweep above; stiff: Kvaerno5 (jax, issue 13) and trbdf2/kvaerno5 "
+        f"(torch, issue 14) on a stiff MLP field mlp(y) - {p.STIFF_DECAY:g} y, state "
+        f"{p.STIFF_BATCH}x{p.STIFF_DIM}, N = {_steps(p.STIFF_STEPS)}; budget (torch, issue 16): "
+        f"checkpoint={p.BUDGET_C} against 'states' at N = {_steps(p.BUDGET_STEPS)}, replays "
+        "against the binomial formula. Writes results-SUITE.md/.json (default: default)",
+    )
     add("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke test in seconds")
     add(
         "--no-progress",
@@ -148,6 +158,23 @@ def _measure(backend: str, args: argparse.Namespace, tick: Callable[[str], None]
     quick = args.quick
     repeats = p.QUICK_REPEATS if quick else args.repeats
     budgets = args.budget if args.budget is not None else (p.QUICK_BUDGETS if quick else p.BUDGETS)
+    if args.suite == "stiff" and backend == "torch":
+        from .torch_suites import measure_stiff
+
+        return measure_stiff(steps=args.steps or (p.QUICK_STIFF_STEPS if quick else p.STIFF_STEPS),
+                             tols=p.QUICK_STIFF_TOLS if quick else p.STIFF_TOLS,
+                             repeats=repeats, progress=tick)  # fmt: skip
+    if args.suite == "stiff":
+        from .jax_bench import measure_stiff as measure_jax_stiff
+
+        steps = args.steps or (p.QUICK_STIFF_STEPS if quick else p.STIFF_STEPS)
+        return measure_jax_stiff(steps=steps, repeats=repeats, quick=quick, progress=tick)
+    if args.suite == "budget":
+        from .torch_suites import measure_budget
+
+        steps = args.steps or (p.QUICK_BUDGET_STEPS if quick else p.BUDGET_STEPS)
+        return measure_budget(steps=steps, budget=budgets[0] if budgets else p.BUDGET_C,
+                              repeats=repeats, progress=tick)  # fmt: skip
     if backend == "torch":
         from .torch_bench import measure
 
@@ -161,13 +188,37 @@ def _measure(backend: str, args: argparse.Namespace, tick: Callable[[str], None]
     return measure(steps=steps, repeats=repeats, quick=quick, budgets=budgets, progress=tick)
 
 
+#: Per suite and backend: (reference label in the table header, note under the table).
+SUITE_NOTES = {
+    ("stiff", "jax"): ("RCA(N)", "reference = diffrax.RecursiveCheckpointAdjoint(checkpoints=N); "
+                       "Kvaerno5, constant steps 1/N on [0, 1], optimistix.Newton (rtol = atol = "
+                       "1e-6 in float32, 1e-10 for the float64 error, measured at the smallest N "
+                       "only), SaveAt(t1=True), each row of the state its own vmapped solve"),
+    ("stiff", "torch"): ("backprop", "reference = adjoint='backprop' (autograd through the "
+                         "Newton iterations); float64, per_sample=True (block-diagonal Jacobian), "
+                         "trbdf2 step_size=1/N, kvaerno5 adaptive (N as measured, first_step "
+                         "pinned); error f64 against backprop"),
+    ("budget", "torch"): ("states", "reference = checkpoint='states'; memory: profiler peak of "
+                          "one gradient (forward + backward); time: the backward alone; "
+                          "replayed = SolveStats.n_replayed_steps, formula = "
+                          "binomial_forward_steps(N, c) - (N - 1); float64"),
+}  # fmt: skip
+
+
+def _stem(suite: str) -> str:
+    return "results" if suite == "default" else f"results-{suite}"
+
+
 def _write(out: Path, tables: list[str], rows: list[dict], meta: dict[str, Any]) -> str:
-    """Write results.md and results.json (what was measured so far); return the Markdown."""
+    """Write results[-SUITE].md and .json (what was measured so far); return the Markdown."""
     kind = "quick" if meta["quick"] else "full"
-    header = f"Benchmark ({kind}), {meta['machine']}, python {platform.python_version()}"
+    suite = meta.get("suite", "default")
+    header = (
+        f"Benchmark ({kind}, suite {suite}), {meta['machine']}, python {platform.python_version()}"
+    )
     text = f"{header}\n\n" + "\n\n".join(tables) + "\n"
-    (out / "results.md").write_text(text)
-    report.write_json(rows, out / "results.json", meta=meta)
+    (out / f"{_stem(suite)}.md").write_text(text)
+    report.write_json(rows, out / f"{_stem(suite)}.json", meta=meta)
     return text
 
 
@@ -176,7 +227,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 5 and not args.quick:
         parser.error("--repeats must be at least 5 (median of >= 5 runs)")
-    backends = _backends(args.backend, prog)
+    backends = _backends("torch" if args.suite == "budget" else args.backend, prog)
     plots = not extras.missing(["matplotlib"])
     if not plots:
         print("matplotlib is not installed: writing the tables only, no plots. For the plots:\n"
@@ -184,7 +235,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     meta = dict(quick=args.quick, machine=machine,
-                repeats=protocol.QUICK_REPEATS if args.quick else args.repeats)  # fmt: skip
+                repeats=protocol.QUICK_REPEATS if args.quick else args.repeats,
+                suite=args.suite)  # fmt: skip
 
     tables: list[str] = []
     all_rows: list[dict] = []
@@ -194,13 +246,20 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
             rows = _measure(backend, args, lambda msg: bar.update(status=msg))
             all_rows += rows
             kind = rows[0]["memory_kind"] if rows else ""
-            tables.append(f"### {backend} (memory: {kind})\n\n{report.markdown(rows)}\n\n"
-                          f"{REFERENCE_NOTE[backend]}")  # fmt: skip
+            ref, note = SUITE_NOTES.get(
+                (args.suite, backend), ("backprop", REFERENCE_NOTE[backend])
+            )
+            title = backend if args.suite == "default" else f"{backend}, suite {args.suite}"
+            tables.append(f"### {title} (memory: {kind})\n\n"
+                          f"{report.markdown(rows, reference=ref)}\n\n{note}")  # fmt: skip
             text = _write(args.out, tables, all_rows, meta)  # saved before anything can fail
     print(text)
-    written = [args.out / "results.md", args.out / "results.json"]
+    stem = _stem(args.suite)
+    written = [args.out / f"{stem}.md", args.out / f"{stem}.json"]
     for backend in backends if plots else []:
-        path = args.out / f"{backend}.png"
+        path = args.out / (
+            f"{backend}.png" if args.suite == "default" else f"{backend}-{args.suite}.png"
+        )
         try:
             rows = [r for r in all_rows if r["backend"] == backend]
             report.plot(rows, path, title=f"{backend}: memory and time")

@@ -82,7 +82,15 @@ def make_grad(adjoint: diffrax.AbstractAdjoint, n: int, static) -> Callable:
 
 
 def measure_all(
-    adjoints: dict, n: int, field, y0, repeats: int, *, progress: Callable[[str], None]
+    adjoints: dict,
+    n: int,
+    field,
+    y0,
+    repeats: int,
+    *,
+    progress: Callable[[str], None],
+    make: Callable = make_grad,
+    label: str = "Tsit5",
 ) -> tuple[dict[str, tuple], dict]:
     """(temp MiB, median seconds) per method, and each method's gradient. The timed runs
     are interleaved (one run of every method per round), so that load from other
@@ -90,11 +98,11 @@ def measure_all(
     params, static = eqx.partition(field, eqx.is_array)
     compiled, temps = {}, {}
     for name, adjoint in adjoints.items():
-        progress(f"jax Tsit5 N={n}: compiling {name}")
-        compiled[name] = make_grad(adjoint, n, static).lower(params, y0).compile()
+        progress(f"jax {label} N={n}: compiling {name}")
+        compiled[name] = make(adjoint, n, static).lower(params, y0).compile()
         temps[name] = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
         jax.block_until_ready(compiled[name](params, y0))  # warm-up
-    progress(f"jax Tsit5 N={n}: timing, {repeats} rounds of {len(compiled)} methods")
+    progress(f"jax {label} N={n}: timing, {repeats} rounds of {len(compiled)} methods")
     times: dict[str, list[float]] = {name: [] for name in adjoints}
     for _ in range(repeats):
         for name, fn in compiled.items():
@@ -164,3 +172,99 @@ def measure(
 def _gradients(adjoints: dict, n: int, field, y0) -> dict:
     params, static = eqx.partition(field, eqx.is_array)
     return {name: make_grad(adj, n, static)(params, y0) for name, adj in adjoints.items()}
+
+
+# ------------------------------------------------------------------ --suite stiff (issue 13)
+
+#: The stiff suite's reference: backprop through the solver loop, one checkpoint per step.
+STIFF_REFERENCE = "RecursiveCheckpoint(N)"
+
+
+class StiffField(eqx.Module):
+    """One row's stiff field ``dy/dt = mlp(y) - decay * y`` (the solve is vmapped over rows)."""
+
+    mlp: eqx.nn.MLP
+    decay: float = eqx.field(static=True)
+
+    def __call__(self, t, y, args):
+        return self.mlp(y) - self.decay * y
+
+
+def stiff_methods(n: int) -> dict[str, diffrax.AbstractAdjoint]:
+    """Label -> adjoint for the stiff suite; the first is the reference of the ratios."""
+    return {
+        STIFF_REFERENCE: diffrax.RecursiveCheckpointAdjoint(checkpoints=n),
+        "Symplectic (states)": SymplecticAdjoint(),
+        "Symplectic (stages)": SymplecticAdjoint(checkpoint="stages"),
+        "RecursiveCheckpoint() default": diffrax.RecursiveCheckpointAdjoint(),
+    }
+
+
+def make_stiff_grad(adjoint: diffrax.AbstractAdjoint, n: int, static, tol: float) -> Callable:
+    """``grad`` of ``sum(y(1)^2)``: Kvaerno5, ``n`` constant steps on ``[0, 1]``, Newton to
+    ``tol``, ``SaveAt(t1=True)``, each row of the 64x8 state its own solve (``vmap``)."""
+    import optimistix as optx
+
+    solver = diffrax.Kvaerno5(root_finder=optx.Newton(rtol=tol, atol=tol))
+
+    def loss(params, y0):
+        term = diffrax.ODETerm(eqx.combine(params, static))
+
+        def row(y):
+            sol = diffrax.diffeqsolve(term, solver, 0.0, 1.0, 1.0 / n, y, adjoint=adjoint,
+                                      max_steps=n, saveat=diffrax.SaveAt(t1=True))  # fmt: skip
+            return sol.ys[-1]
+
+        return jnp.sum(jax.vmap(row)(y0) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _stiff_problem(dtype, *, batch: int, dim: int, width: int, decay: float):
+    key_mlp, key_y = jax.random.split(jax.random.PRNGKey(0))
+    mlp = eqx.nn.MLP(dim, dim, width, 2, activation=jnp.tanh, key=key_mlp, dtype=dtype)
+    return StiffField(mlp, decay), 0.5 * jax.random.normal(key_y, (batch, dim), dtype)
+
+
+def measure_stiff(
+    *,
+    steps=None,
+    repeats: int = REPEATS,
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Issue 13: XLA temp memory and median gradient time of Kvaerno5 on a stiff MLP field,
+    float32 (Newton tolerance 1e-6), ratios to :data:`STIFF_REFERENCE`; the float64 error
+    (Newton tolerance 1e-10) against the reference at the smallest N only."""
+    from .protocol import STIFF_BATCH, STIFF_DECAY, STIFF_DIM, STIFF_STEPS, STIFF_WIDTH
+    from .report import add_ratios
+
+    jax.config.update("jax_enable_x64", True)  # for the float64 error column only
+    tick = progress or (lambda message: None)
+    size = dict(batch=4, dim=4, width=8) if quick else \
+        dict(batch=STIFF_BATCH, dim=STIFF_DIM, width=STIFF_WIDTH)  # fmt: skip
+    steps = tuple(steps or STIFF_STEPS)
+    rows = []
+    for n in steps:
+        adjoints = stiff_methods(n)
+        field, y0 = _stiff_problem(jnp.float32, decay=STIFF_DECAY, **size)
+        results, grads = measure_all(
+            adjoints, n, field, y0, repeats, progress=tick, label="Kvaerno5 stiff",
+            make=lambda adjoint, n, static: make_stiff_grad(adjoint, n, static, 1e-6),
+        )  # fmt: skip
+        grads64 = {}
+        if n == steps[0]:
+            tick(f"jax stiff N={n}: float64 gradients for the error column")
+            field64, y64 = _stiff_problem(jnp.float64, decay=STIFF_DECAY, **size)
+            p64, s64 = eqx.partition(field64, eqx.is_array)
+            grads64 = {name: make_stiff_grad(adj, n, s64, 1e-10)(p64, y64)
+                       for name, adj in adjoints.items()}  # fmt: skip
+        for name in adjoints:
+            rows.append(dict(
+                backend="jax", case="kvaerno5 stiff", steps=n, method=name,
+                memory_bytes=results[name][0] * 2**20, memory_kind="XLA temp_size_in_bytes",
+                time_s=results[name][1],
+                error=_relerr(grads[name], grads[STIFF_REFERENCE]),
+                error_f64=_relerr(grads64[name], grads64[STIFF_REFERENCE]) if grads64 else None,
+            ))  # fmt: skip
+    return add_ratios(rows, reference=STIFF_REFERENCE)

@@ -37,21 +37,29 @@ def _fmt_err(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
 
 
-def markdown(rows: Sequence[Row]) -> str:
-    """One Markdown table; the ratio columns are to backprop (the rows' ``memory_ratio`` and
-    ``time_ratio``, filled by :func:`add_ratios` against the backend's backprop)."""
+def markdown(rows: Sequence[Row], *, reference: str = "backprop") -> str:
+    """One Markdown table; the ratio columns are to ``reference`` (the rows' ``memory_ratio``
+    and ``time_ratio``, filled by :func:`add_ratios`). Rows with ``replayed`` and ``formula``
+    (the budget suite) get those two columns too."""
+    replays = any("replayed" in r for r in rows)
     head = (
-        "| backend | case | N | method | memory (MiB) | memory / backprop "
-        "| time / gradient (ms) | time / backprop | error f32 | error f64 |"
+        f"| backend | case | N | method | memory (MiB) | memory / {reference} "
+        f"| time / gradient (ms) | time / {reference} | error f32 | error f64 |"
     )
-    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    rule = "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
+    if replays:
+        head, rule = head + " replayed | formula |", rule + "---:|---:|"
+    lines = [head, rule]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['backend']} | {r['case']} | {r['steps']} | {r['method']} "
             f"| {r['memory_bytes'] / 2**20:.2f} | {r['memory_ratio']:.3f} "
             f"| {r['time_s'] * 1e3:.1f} | {r['time_ratio']:.2f} "
             f"| {_fmt_err(r.get('error'))} | {_fmt_err(r.get('error_f64'))} |"
         )
+        if replays:
+            line += f" {r.get('replayed', '–')} | {r.get('formula', '–')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

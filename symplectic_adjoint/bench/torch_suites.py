@@ -1,0 +1,234 @@
+"""``--suite stiff`` and ``--suite budget`` for the torch adapter (issues 14 and 16).
+
+Stiff (:func:`measure_stiff`): ``f(y) = mlp(y) - lambda y`` on a 64x8 state (MLP 8 -> 64 -> 64
+-> 8, tanh, row-wise; ``lambda`` = :data:`~.protocol.STIFF_DECAY`), float64 on ``[0, 1]``,
+Newton with a block-diagonal Jacobian (``per_sample=True``, the field is row-wise):
+``trbdf2`` on a fixed grid of N steps and adaptive ``kvaerno5`` at several tolerances (N as
+measured). Methods: ``adjoint="backprop"`` (autograd through the Newton iterations, the
+reference) and the symplectic adjoint with ``"states"`` and ``"stages"``.
+
+Budget (:func:`measure_budget`): ``checkpoint=c`` at large N on a tiny linear field
+``y' = A y`` (16 states, ``A`` skew-symmetric plus a small damping: a rotation, so an
+adaptive solver's steps are near uniform), rk4 on a fixed grid of N steps and dopri5 with
+``t1`` scaled so that the step count lands near N. Columns: replayed steps
+(``SolveStats.n_replayed_steps``) against the offline optimum
+``binomial_forward_steps(N, c) - (N - 1)``, peak memory of one gradient (forward and
+backward) and the median time of the backward alone, both against ``"states"``.
+
+Memory: ``torch.profiler`` allocator peak (DESIGN.md section 5); time: median of
+``repeats`` after a warm-up, all methods of a case in one run, ``torch.set_num_threads(1)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..adapters.torchdiffeq import SolveStats, odeint
+from ..core.checkpointing import binomial_forward_steps
+from .protocol import (
+    BUDGET_C,
+    BUDGET_DIM,
+    BUDGET_STEPS,
+    REPEATS,
+    STIFF_BATCH,
+    STIFF_DECAY,
+    STIFF_DIM,
+    STIFF_STEPS,
+    STIFF_TOLS,
+    STIFF_WIDTH,
+)
+from .report import add_ratios
+from .torch_bench import _relerr, peak_memory
+
+__all__ = ["STIFF_METHODS", "make_stiff_field", "measure_budget", "measure_stiff"]
+
+STIFF_REFERENCE = "backprop"
+STIFF_METHODS = (STIFF_REFERENCE, "symplectic states", "symplectic stages")
+BUDGET_REFERENCE = "symplectic states"
+
+
+def make_stiff_field(seed: int = 0, *, decay: float = STIFF_DECAY) -> torch.nn.Module:
+    """``f(t, y) = mlp(y) - decay * y``, the MLP applied to each row of ``y`` (float64)."""
+    torch.manual_seed(seed)
+    d, w = STIFF_DIM, STIFF_WIDTH
+    net = torch.nn.Sequential(
+        torch.nn.Linear(d, w), torch.nn.Tanh(),
+        torch.nn.Linear(w, w), torch.nn.Tanh(),
+        torch.nn.Linear(w, d),
+    )  # fmt: skip
+
+    class StiffField(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.net(y) - decay * y
+
+    return StiffField().double()
+
+
+def _stiff_cases(steps: Sequence[int], tols: Sequence[float]) -> list[dict]:
+    newton = dict(per_sample=True)
+    cases = [dict(case="trbdf2", method="trbdf2", kw=dict(options=dict(newton, step_size=1.0 / n)))
+             for n in steps]  # fmt: skip
+    cases += [dict(case=f"kvaerno5 tol {tol:g}", method="kvaerno5",
+                   kw=dict(rtol=tol, atol=tol, options=dict(newton))) for tol in tols]  # fmt: skip
+    return cases
+
+
+def measure_stiff(
+    *,
+    steps: Sequence[int] = STIFF_STEPS,
+    tols: Sequence[float] = STIFF_TOLS,
+    repeats: int = REPEATS,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """One row per case and method; ratios to backprop through Newton (issue 14)."""
+    torch.set_num_threads(1)
+    tick = progress or (lambda message: None)
+    field = make_stiff_field()
+    gen = torch.Generator().manual_seed(1)
+    y0 = 0.5 * torch.randn(STIFF_BATCH, STIFF_DIM, generator=gen, dtype=torch.float64)
+    y0.requires_grad_(True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    params = (y0, *field.parameters())
+    rows: list[dict] = []
+    for case in _stiff_cases(steps, tols):
+        stats = SolveStats()
+        with torch.no_grad():
+            odeint(field, y0, t, method=case["method"], stats=stats, **_copy(case["kw"]))
+        n = stats.n_steps
+        if case["method"] == "kvaerno5":  # pin the first step: the same solve for all
+            case["kw"]["options"]["first_step"] = stats.first_step
+        fns = {}
+        for name in STIFF_METHODS:
+            adjoint, checkpoint = ("backprop", "states") if name == "backprop" else \
+                ("symplectic", name.split()[-1])  # fmt: skip
+            kw = dict(method=case["method"], adjoint=adjoint, checkpoint=checkpoint)
+
+            def gradient(kw: dict = kw, extra: dict = case["kw"]) -> tuple[torch.Tensor, ...]:
+                ys = odeint(field, y0, t, **kw, **_copy(extra))
+                return torch.autograd.grad(ys[-1].square().sum(), params)
+
+            fns[name] = gradient
+        tick(f"torch stiff {case['case']} N={n}: memory")
+        memory = {name: peak_memory(fn) for name, fn in fns.items()}
+        tick(f"torch stiff {case['case']} N={n}: timing")
+        times = _interleaved(fns, repeats)
+        grads = {name: fn() for name, fn in fns.items()}
+        for name in fns:
+            rows.append(dict(
+                backend="torch", case=case["case"], steps=n, method=name,
+                memory_bytes=memory[name], memory_kind="cpu allocator peak", time_s=times[name],
+                error=None, error_f64=_relerr(grads[name], grads[STIFF_REFERENCE]),
+            ))  # fmt: skip
+    return add_ratios(rows, reference=STIFF_REFERENCE)
+
+
+def _copy(kw: dict) -> dict:
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in kw.items()}
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per method: one warm-up each, then ``repeats`` rounds taking turns."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class _Rotation(torch.nn.Module):
+    """``y' = A y``, ``A = S - S^T - 0.01 I``: a slowly damped rotation, frequencies ~ 1."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        s = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5
+        self.A = torch.nn.Parameter(s - s.T - 0.01 * torch.eye(dim, dtype=torch.float64))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.A.T
+
+
+def measure_budget(
+    *,
+    steps: Sequence[int] = BUDGET_STEPS,
+    budget: int = BUDGET_C,
+    repeats: int = REPEATS,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Replays, memory and backward time of ``checkpoint=budget`` against ``"states"``."""
+    torch.set_num_threads(1)
+    tick = progress or (lambda message: None)
+    field = _Rotation(BUDGET_DIM)
+    y0 = torch.linspace(-1.0, 1.0, BUDGET_DIM, dtype=torch.float64).requires_grad_(True)
+    params = (y0, field.A)
+    tols = dict(rtol=1e-6, atol=1e-6)
+    stats = SolveStats()
+    with torch.no_grad():  # dopri5's steps per unit time on this rotation
+        odeint(field, y0, torch.tensor([0.0, 100.0], dtype=torch.float64), method="dopri5",
+               stats=stats, **tols)  # fmt: skip
+    per_unit = stats.n_steps / 100.0
+    rows: list[dict] = []
+    for n in steps:
+        cases = [("rk4", dict(method="rk4", options=dict(step_size=1.0 / n)), 1.0),
+                 ("dopri5 tol 1e-6", dict(method="dopri5", **tols), n / per_unit)]  # fmt: skip
+        for label, kw, t1 in cases:
+            t = torch.tensor([0.0, t1], dtype=torch.float64)
+            names = {BUDGET_REFERENCE: "states", f"symplectic c={budget}": budget}
+            backward, forward_stats = {}, {}
+            for name, checkpoint in names.items():
+
+                def run(checkpoint: str | int = checkpoint, name: str = name, t: torch.Tensor = t,
+                        kw: dict = kw, out: dict = forward_stats) -> Callable:  # fmt: skip
+                    st = SolveStats()
+                    ys = odeint(field, y0, t, checkpoint=checkpoint, stats=st, **_copy(kw))
+                    loss = ys[-1].square().sum()
+                    out[name] = st
+                    return lambda: torch.autograd.grad(loss, params)
+
+                backward[name] = run
+
+            tick(f"torch budget {label} N~{n}: memory")
+            memory = {name: peak_memory(lambda run=run: run()()) for name, run in backward.items()}
+            grads = {name: run()() for name, run in backward.items()}
+            tick(f"torch budget {label} N~{n}: timing")
+            times = _backward_times(backward, repeats)
+            for name in names:
+                st = forward_stats[name]
+                got = st.n_steps
+                rows.append(dict(
+                    backend="torch", case=label, steps=got, method=name,
+                    memory_bytes=memory[name], memory_kind="cpu allocator peak, forward + backward",
+                    time_s=times[name], error=None,
+                    error_f64=_relerr(grads[name], grads[BUDGET_REFERENCE]),
+                    replayed=st.n_replayed_steps,
+                    formula=binomial_forward_steps(got, budget) - (got - 1)
+                    if name != BUDGET_REFERENCE else 0,
+                ))  # fmt: skip
+    return add_ratios(rows, reference=BUDGET_REFERENCE)
+
+
+def _backward_times(makers: dict[str, Callable[[], Callable]], repeats: int) -> dict[str, float]:
+    """Median seconds of the backward alone (each forward untimed), methods taking turns."""
+    for make in makers.values():
+        make()()
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(repeats):
+        for name, make in makers.items():
+            backward = make()
+            start = time.perf_counter()
+            backward()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
