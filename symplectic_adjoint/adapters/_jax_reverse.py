@@ -159,7 +159,7 @@ def reverse_sweep(
     implicit: Any = None,
     save_y: Any = None,
     event: Any = None,
-) -> tuple[Any, Any, Any, Any, Any, Any]:
+) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
     """Cotangents of ``(y0, args, terms, saveat ts)`` from those of the saved outputs.
 
     Arguments:

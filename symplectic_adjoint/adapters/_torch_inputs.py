@@ -178,7 +178,7 @@ class RngTape:
 
     def set(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         torch.set_rng_state(state[0])
-        if state[1] is not None:
+        if state[1] is not None and self.cuda is not None:
             torch.cuda.set_rng_state(state[1], self.cuda)
 
     @staticmethod
@@ -263,7 +263,7 @@ def _leaf_of(node: Any) -> torch.Tensor | None:
     return getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
 
 
-_ACCUMULATE = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+_ACCUMULATE = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 
 class Inputs:
@@ -379,7 +379,7 @@ class Inputs:
                 if type(node) is not _ACCUMULATE:
                     push(node)
                     continue
-                leaf = node.variable
+                leaf = node.variable  # type: ignore[attr-defined]  # AccumulateGrad's leaf
                 if leaf is a or leaf is b or id(leaf) in known:
                     continue
                 self._unknown_read(leaf)
@@ -446,7 +446,7 @@ class Replay:
         try:
             yield
         finally:
-            if rng is not None:
+            if rng is not None and self.tape is not None:
                 self.tape.set(rng)
             with torch.no_grad():
                 for x, v in zip(self.mutated, saved, strict=True):

@@ -246,6 +246,7 @@ class ReverseSweep:
     def _replay_with_graph(self) -> dict[int, tuple]:
         """Every step's stage inputs, recomputed from ``y0`` with a graph (graph mode)."""
         stored: dict[int, tuple] = {}
+        assert self.y0 is not None  # graph mode keeps y0
         y, k1 = self.y0, None
         for m in range(self.n):
             X, k = self._slopes(m, y, k1, replay=True)

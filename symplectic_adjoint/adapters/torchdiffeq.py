@@ -317,6 +317,7 @@ def _check_options(method: str, options: dict) -> None:
 def _collect_params(
     func: Any, adjoint_params: Iterable[torch.Tensor] | None, y0: Any, adjoint: str
 ) -> tuple[torch.Tensor, ...]:
+    params: tuple[torch.Tensor, ...]
     if adjoint_params is None:
         if isinstance(func, torch.nn.Module):
             params = tuple(func.parameters())
