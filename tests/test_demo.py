@@ -160,3 +160,20 @@ def test_example_learn_physics_jax(capsys: pytest.CaptureFixture[str]) -> None:
     assert _grad_error(output) <= 1e-10
     for name in ("alpha", "beta", "gamma", "delta", "BFGS"):
         assert name in output
+
+
+def test_example_neural_cde_jax_quick() -> None:
+    _need("jax", "diffrax", "equinox")
+    script = REPO / "examples" / "neural_cde_jax.py"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = re.search(r"difference SymplecticAdjoint vs RCA \(float64\): (\S+)", proc.stdout)
+    assert match and float(match.group(1)) <= 1e-10
+    assert re.search(r"step +3 +batch loss [0-9.]+ +batch accuracy", proc.stdout)
