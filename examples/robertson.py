@@ -44,9 +44,18 @@ def solve(func: Robertson, t: torch.Tensor, adjoint: str = "symplectic") -> torc
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="a few iterations, short horizon")
-    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--iters", type=int, default=15, help="L-BFGS iterations")
+    parser.add_argument(
+        "--adjoint",
+        choices=("symplectic", "backprop"),
+        default="symplectic",
+        help="gradient method ('backprop': autograd through the Newton iterations)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     dt = torch.float64
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal calls
         calls += 1
         opt.zero_grad()
-        loss = (((solve(func, t) - data) / scale) ** 2).mean()
+        loss = (((solve(func, t, args.adjoint) - data) / scale) ** 2).mean()
         loss.backward()
         return loss
 
