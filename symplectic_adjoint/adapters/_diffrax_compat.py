@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import diffrax
 
+from ._host_versions import require_version
+
 #: diffrax versions whose internals the adapter was verified against (its test suite
 #: compares gradients with ``RecursiveCheckpointAdjoint`` on them).
 SUPPORTED_DIFFRAX = ("0.7.2",)
@@ -19,13 +21,13 @@ SUPPORTED_DIFFRAX = ("0.7.2",)
 
 def check_diffrax_version(version: str) -> None:
     """Raise ``ImportError`` unless ``version`` is in :data:`SUPPORTED_DIFFRAX`."""
-    if version not in SUPPORTED_DIFFRAX:
-        raise ImportError(
-            f"symplectic_adjoint's SymplecticAdjoint supports diffrax "
-            f"{', '.join(SUPPORTED_DIFFRAX)} (it uses diffrax internals), but diffrax "
-            f"{version} is installed: install diffrax=={SUPPORTED_DIFFRAX[-1]}, or use "
-            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
-        )
+    require_version(
+        "diffrax",
+        version,
+        SUPPORTED_DIFFRAX,
+        why="SymplecticAdjoint uses diffrax internals",
+        alternative="use `adjoint=diffrax.RecursiveCheckpointAdjoint()`",
+    )
 
 
 check_diffrax_version(diffrax.__version__)

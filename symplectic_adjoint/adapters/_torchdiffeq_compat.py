@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torchdiffeq  # type: ignore[import-untyped]
 
+from ._host_versions import require_version
+
 __all__ = [
     "SUPPORTED_VERSIONS",
     "check_version",
@@ -52,13 +54,12 @@ SUPPORTED_VERSIONS = ("0.2.5",)
 
 def check_version(version: str) -> None:
     """Raise ``ImportError`` unless ``version`` is one of :data:`SUPPORTED_VERSIONS`."""
-    if version not in SUPPORTED_VERSIONS:
-        raise ImportError(
-            f"symplectic_adjoint's torch adapter supports torchdiffeq "
-            f"{' or '.join(SUPPORTED_VERSIONS)} (it runs torchdiffeq's solvers and overrides "
-            f"private methods of them), but torchdiffeq {version} is installed; install "
-            f"torchdiffeq=={SUPPORTED_VERSIONS[-1]}"
-        )
+    require_version(
+        "torchdiffeq",
+        version,
+        SUPPORTED_VERSIONS,
+        why="the torch adapter runs torchdiffeq's solvers and overrides private methods",
+    )
 
 
 check_version(getattr(torchdiffeq, "__version__", "of unknown version"))
