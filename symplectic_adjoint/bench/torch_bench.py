@@ -42,14 +42,17 @@ METHODS = ("backprop", "odeint_adjoint", "symplectic states", "symplectic stages
 WIDTH, BATCH = TORCH_WIDTH, TORCH_BATCH
 
 
-def make_field(seed: int = 0, *, width: int = WIDTH) -> torch.nn.Module:
+def make_field(
+    seed: int = 0, *, width: int = WIDTH, dim: int = 16, decay: float = 0.0
+) -> torch.nn.Module:
     """The MLP vector field ``f(t, y) = W3 tanh(W2 tanh(W1 y + b1) + b2) + b3``,
-    16 -> ``width`` -> ``width`` -> 16."""
+    ``dim`` -> ``width`` -> ``width`` -> ``dim``, minus ``decay * y`` when ``decay`` is
+    nonzero (the stiff suite's fast linear mode)."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
-        torch.nn.Linear(16, width), torch.nn.Tanh(),
+        torch.nn.Linear(dim, width), torch.nn.Tanh(),
         torch.nn.Linear(width, width), torch.nn.Tanh(),
-        torch.nn.Linear(width, 16),
+        torch.nn.Linear(width, dim),
     )  # fmt: skip
 
     class Field(torch.nn.Module):
@@ -58,7 +61,8 @@ def make_field(seed: int = 0, *, width: int = WIDTH) -> torch.nn.Module:
             self.net = net
 
         def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.net(y)
+            out = self.net(y)
+            return out - decay * y if decay else out
 
     return Field()
 

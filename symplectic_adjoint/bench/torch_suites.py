@@ -15,7 +15,7 @@ adaptive solver's steps are near uniform), rk4 on a fixed grid of N steps and do
 ``binomial_forward_steps(N, c) - (N - 1)``, peak memory of one gradient (forward and
 backward) and the median time of the backward alone, both against ``"states"``.
 
-Memory: ``torch.profiler`` allocator peak (DESIGN.md section 5); time: median of
+Memory: ``torch.profiler`` allocator peak (the README's measurement protocol); time: median of
 ``repeats`` after a warm-up, all methods of a case in one run, ``torch.set_num_threads(1)``.
 """
 
@@ -43,7 +43,7 @@ from .protocol import (
     STIFF_WIDTH,
 )
 from .report import add_ratios
-from .torch_bench import _relerr, peak_memory
+from .torch_bench import _relerr, make_field, peak_memory
 
 __all__ = ["STIFF_METHODS", "make_stiff_field", "measure_budget", "measure_stiff"]
 
@@ -54,23 +54,7 @@ BUDGET_REFERENCE = "symplectic states"
 
 def make_stiff_field(seed: int = 0, *, decay: float = STIFF_DECAY) -> torch.nn.Module:
     """``f(t, y) = mlp(y) - decay * y``, the MLP applied to each row of ``y`` (float64)."""
-    torch.manual_seed(seed)
-    d, w = STIFF_DIM, STIFF_WIDTH
-    net = torch.nn.Sequential(
-        torch.nn.Linear(d, w), torch.nn.Tanh(),
-        torch.nn.Linear(w, w), torch.nn.Tanh(),
-        torch.nn.Linear(w, d),
-    )  # fmt: skip
-
-    class StiffField(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.net(y) - decay * y
-
-    return StiffField().double()
+    return make_field(seed, width=STIFF_WIDTH, dim=STIFF_DIM, decay=decay).double()
 
 
 def _stiff_cases(steps: Sequence[int], tols: Sequence[float]) -> list[dict]:
