@@ -33,6 +33,11 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "CASES",
+    "EVENT_CASES",
+    "EVENT_CASES_BY_NAME",
+    "EVENT_PLAN",
+    "EVENT_ROOT_TOL",
+    "EventCase",
     "CASES_BY_NAME",
     "Case",
     "DTYPES",
@@ -518,6 +523,91 @@ TIME_PLAN: tuple[tuple[str, str, bool], ...] = (
     ("mlp", "midpoint", False),
     ("stiff_tanh", "implicit_euler", False),
     ("mlp", "heun2", True),
+)
+
+
+# -------------------------------------------------------------------- event cases
+
+#: Root-finding tolerance of the event time in both hosts: torchdiffeq bisects its
+#: interpolant down to ``atol`` (so its forced-constant solves use ``atol`` = this and a
+#: huge ``rtol`` to keep accepting every step), diffrax's ``optimistix.Newton`` stops at
+#: ``rtol = atol`` = this. Both then locate the root to ~1e-13, far below 1e-10.
+EVENT_ROOT_TOL = 1e-13
+
+
+def event_value(t: Array, y: Array, e: Params) -> Array:
+    """The event function ``g(t, y) = sum(u * y) + s t + c`` (a scalar; the solve stops
+    where it first crosses zero). ``e`` holds ``u`` (y's shape), ``s`` and ``c``."""
+    xp = array_namespace(y)
+    return xp.sum(e["u"] * y) + e["s"] * t + e["c"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EventCase:
+    """A terminating event on a :class:`Case`: integrate from ``t[0]`` until
+    :func:`event_value` crosses zero; the loss is ``w_t t* + <w_y, y(t*)>``.
+
+    Arguments:
+        name: identifier used in test ids.
+        why: what the case exercises.
+        case: the underlying :class:`Case` (field, ``y0``, parameters, step ``h``).
+        event: ``u``, ``s``, ``c`` of :func:`event_value` (NumPy arrays).
+        t_end: an upper bound on the event time on the grid of ``h`` (diffrax's ``t1``;
+            the solve must stop before it).
+        w_t, w_y: loss weights of the event time and of the state at the event.
+    """
+
+    name: str
+    why: str
+    case: Case
+    event: dict[str, np.ndarray]
+    t_end: float
+    w_t: float
+    w_y: np.ndarray
+
+    @property
+    def max_steps(self) -> int:
+        return int(round((self.t_end - self.case.t[0]) / self.case.h))
+
+    def __repr__(self) -> str:
+        return f"EventCase({self.name})"
+
+
+def _event_case(name: str, why: str, case: str, event: dict, t_end: float) -> EventCase:
+    base = CASES_BY_NAME[case]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    return EventCase(
+        name=name,
+        why=why,
+        case=base,
+        event={k: np.asarray(v, dtype=np.float64) for k, v in event.items()},
+        t_end=t_end,
+        w_t=float(rng.normal()),
+        w_y=rng.normal(size=np.shape(base.y0)),
+    )
+
+
+EVENT_CASES: tuple[EventCase, ...] = (
+    _event_case(
+        "pendulum_event",
+        "Damped pendulums until a weighted angle/velocity sum with a time trend crosses "
+        "zero (t* ~ 0.82, inside step 14 of h = 1/16): the event time is a root of the "
+        "interpolant, its gradient comes from the implicit function theorem, and the loss "
+        "reads both t* and the interpolated state at t*.",
+        "pendulum",
+        {"u": [[1.0, 0.25], [0.0, 0.0], [0.1, 0.0]], "s": 0.1, "c": -0.3},
+        2.0,
+    ),
+)
+EVENT_CASES_BY_NAME: dict[str, EventCase] = {c.name: c for c in EVENT_CASES}
+
+#: ``(event case, solver, slow)``. Across hosts only dopri5 held at ``h`` has the same
+#: interpolant in both (the quartic fit through the midpoint), so the same event time;
+#: bosh3 interpolates differently in each host (torchdiffeq: the quartic fit; diffrax:
+#: the cubic Hermite) and is checked per host only.
+EVENT_PLAN: tuple[tuple[str, str, bool], ...] = (
+    ("pendulum_event", "dopri5@h", False),
+    ("pendulum_event", "bosh3@h", True),
 )
 
 

@@ -23,10 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cases import JAX_NEWTON_TOL, Case, Solver
+from ..cases import EVENT_ROOT_TOL, JAX_NEWTON_TOL, Case, EventCase, Solver, event_value
 from . import Result, grad_keys, standin, unavailable
 
-__all__ = ["MODES", "device_for", "make_loss", "ours_available", "solve", "solve_times"]
+__all__ = [
+    "MODES",
+    "device_for",
+    "make_loss",
+    "ours_available",
+    "solve",
+    "solve_event",
+    "solve_times",
+]
 
 MODES = ("host", "states", "stages")
 
@@ -165,4 +173,58 @@ def solve_times(
     return Result(
         ys=(np.asarray(ys, np.float64),),
         grads={k: np.asarray(v, np.float64) for k, v in grads.items()},
+    )
+
+
+@functools.cache
+def _compiled_event(ev: EventCase, solver: Solver, dtype: str, mode: str):
+    import optimistix
+
+    jdt = jnp.dtype(dtype)
+    case, method, adjoint = ev.case, _method(solver), _adjoint(mode)
+
+    def vf(t: Any, y: Any, p: Any) -> Any:
+        return case.field(jnp.asarray(t, jdt), y, p)
+
+    e = {k: jnp.asarray(v, jdt) for k, v in ev.event.items()}
+
+    def cond_fn(t: Any, y: Any, args: Any, **kwargs: Any) -> jax.Array:
+        return event_value(jnp.asarray(t, jdt), y, e)
+
+    event = diffrax.Event(
+        cond_fn, root_finder=optimistix.Newton(rtol=EVENT_ROOT_TOL, atol=EVENT_ROOT_TOL)
+    )
+
+    def loss(p: dict, y0: Any, w_y: jax.Array) -> tuple[jax.Array, Any]:
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), method, float(case.t[0]), ev.t_end, case.h, y0, args=p,
+            saveat=diffrax.SaveAt(t1=True), stepsize_controller=diffrax.ConstantStepSize(),
+            event=event, adjoint=adjoint, max_steps=ev.max_steps,
+        )  # fmt: skip
+        t_star, y_star = sol.ts[-1], sol.ys[-1]
+        aux = (t_star, y_star, sol.stats["num_accepted_steps"])
+        return ev.w_t * t_star + jnp.sum(w_y * y_star), aux
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+
+
+def solve_event(ev: EventCase, solver: Solver, dtype: str, device: str, mode: str) -> Result:
+    """A terminating ``diffrax.Event`` with the real-valued
+    :func:`~conformance.cases.event_value` as ``cond_fn`` and ``optimistix.Newton`` at
+    :data:`~conformance.cases.EVENT_ROOT_TOL` as its root finder, on ``ConstantStepSize``
+    steps of ``h``; outputs ``(t*, y(t*))`` (``sol.ts[-1]``, ``sol.ys[-1]``), gradients of
+    ``w_t t* + <w_y, y(t*)>`` w.r.t. ``y0`` and the parameters."""
+    if not solver.constant_steps:
+        raise ValueError(f"no event configuration for {solver.name}")
+    dev = device_for(device)
+    jdt = jnp.dtype(dtype)
+    p = {k: jax.device_put(jnp.asarray(v, jdt), dev) for k, v in ev.case.params.items()}
+    y0 = jax.device_put(jnp.asarray(ev.case.y0, jdt), dev)
+    w_y = jax.device_put(jnp.asarray(ev.w_y, jdt), dev)
+    (_, (t_star, y_star, n)), (gp, gy) = _compiled_event(ev, solver, dtype, mode)(p, y0, w_y)
+    grads = {"y0": gy, **{f"p.{k}": gp[k] for k in p}}
+    return Result(
+        ys=(np.asarray(t_star, np.float64).reshape(1), np.asarray(y_star, np.float64)),
+        grads={k: np.asarray(v, np.float64) for k, v in grads.items()},
+        n_accepted=int(n),
     )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torchdiffeq
 
-from ..cases import NEWTON_TOL, Case, Solver
+from ..cases import EVENT_ROOT_TOL, NEWTON_TOL, Case, EventCase, Solver, event_value
 from . import Result, grad_keys, standin, unavailable
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "odeint_ours",
     "ours_available",
     "solve",
+    "solve_event",
     "solve_times",
     "solver_options",
 ]
@@ -216,3 +217,54 @@ def solve_times(
     tg = out.pop("t")
     out.update({"t0": tg[0], "t1": tg[-1]})
     return Result(ys=(ys.detach().cpu().double().numpy(),), grads=out)
+
+
+def solve_event(ev: EventCase, solver: Solver, dtype: str, device: str, mode: str) -> Result:
+    """``odeint_event`` until :func:`~conformance.cases.event_value` crosses zero, on the
+    forced-constant grid of ``h``; outputs ``(t*, y(t*))``, gradients of ``w_t t* +
+    <w_y, y(t*)>`` w.r.t. ``y0`` and the parameters. ``"host"``: ``torchdiffeq.odeint_event``
+    through ``torchdiffeq.odeint`` (backprop); ours: :func:`symplectic_adjoint.odeint_event`
+    with ``adjoint="symplectic"``. torchdiffeq bisects its interpolant to ``atol``, so
+    ``atol`` is :data:`~conformance.cases.EVENT_ROOT_TOL` and ``rtol`` huge (every step of
+    ``h`` is still accepted)."""
+    if solver.grid != "forced":
+        raise ValueError(f"no event configuration for {solver.name}")
+    case = ev.case
+    tdt = _dtype(dtype)
+    func = StepRecordingField(case, tdt, device)
+    (y0,) = _as_tensors(case.y0_leaves, tdt, device)
+    t0 = torch.tensor(case.t[0], dtype=tdt, device=device)
+    e = {k: torch.as_tensor(v, dtype=tdt, device=device) for k, v in ev.event.items()}
+
+    def event_fn(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return event_value(t, y, e)
+
+    _, _, options = solver_options(case, solver, dtype)
+    kw: dict[str, Any] = {
+        "rtol": _ACCEPT_ALL, "atol": EVENT_ROOT_TOL, "method": solver.torch_method,
+        "options": options, "event_fn": event_fn,
+    }  # fmt: skip
+    if mode == "host":
+        t_star, sol = torchdiffeq.odeint_event(
+            func, y0, t0, odeint_interface=torchdiffeq.odeint, **kw
+        )
+    elif standin():
+        t_star, sol = torchdiffeq.odeint_event(func, y0, t0, **kw)
+    else:
+        from symplectic_adjoint import odeint_event
+
+        t_star, sol = odeint_event(func, y0, t0, adjoint="symplectic", checkpoint=mode, **kw)
+    y_star = sol[-1]
+    w_y = torch.as_tensor(ev.w_y, dtype=tdt, device=device)
+    loss = ev.w_t * t_star + (w_y * y_star).sum()
+    params = list(func.params.values())
+    grads = torch.autograd.grad(loss, [y0, *params])
+    names = grad_keys(1, list(func.params.keys()))
+    return Result(
+        ys=(
+            t_star.detach().cpu().double().reshape(1).numpy(),
+            y_star.detach().cpu().double().numpy(),
+        ),
+        grads={k: g.detach().cpu().double().numpy() for k, g in zip(names, grads, strict=True)},
+        steps=tuple(func.accepted),
+    )
