@@ -268,3 +268,74 @@ def measure_stiff(
                 error_f64=_relerr(grads64[name], grads64[STIFF_REFERENCE]) if grads64 else None,
             ))  # fmt: skip
     return add_ratios(rows, reference=STIFF_REFERENCE)
+
+
+# ------------------------------------------------------- --suite features (issue 12)
+
+#: The feature suite's query times of ``sol.evaluate`` (dense case).
+FEATURE_QUERIES = 101
+
+
+def make_feature_grad(adjoint: diffrax.AbstractAdjoint, n: int, static, feature: str) -> Callable:
+    """``grad`` w.r.t. the MLP's parameters and ``y0`` of the benchmark problem (Tsit5,
+    ``n`` constant steps on ``[0, 1]``, ``max_steps = n``) with one diffrax feature:
+
+    * ``"event"``: a terminating ``diffrax.Event`` with the real-valued
+      ``cond_fn = mean(y) + t - 0.75`` and ``optimistix.Newton`` as its root finder;
+      loss ``sum(y(t*)^2) + t*``;
+    * ``"dense"``: ``SaveAt(dense=True)``, loss ``sum(sol.evaluate(t_j)^2)`` over
+      :data:`FEATURE_QUERIES` equispaced ``t_j`` in ``[0, 1]``.
+    """
+    import optimistix as optx
+
+    queries = jnp.linspace(0.0, 1.0, FEATURE_QUERIES)
+
+    def cond_fn(t, y, args, **kwargs):
+        return jnp.mean(y) + t - 0.75
+
+    def loss(params, y0):
+        term = diffrax.ODETerm(eqx.combine(params, static))
+        if feature == "event":
+            event = diffrax.Event(cond_fn, root_finder=optx.Newton(rtol=1e-6, atol=1e-6))
+            sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 1.0 / n, y0, adjoint=adjoint,
+                                      max_steps=n, event=event)  # fmt: skip
+            return jnp.sum(sol.ys[-1] ** 2) + sol.ts[-1]
+        if feature != "dense":
+            raise ValueError(f"unknown feature {feature!r}")
+        sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 1.0 / n, y0, adjoint=adjoint,
+                                  max_steps=n, saveat=diffrax.SaveAt(dense=True))  # fmt: skip
+        return jnp.sum(jax.vmap(sol.evaluate)(queries) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def measure_features(
+    *, steps=(400,), quick: bool = False, progress: Callable[[str], None] | None = None
+) -> list[dict]:
+    """Issue 12: XLA temp memory of the gradient (compile only, float32) of the event and
+    dense-output programs of :func:`make_feature_grad`, ``SymplecticAdjoint()`` against
+    ``RecursiveCheckpointAdjoint(checkpoints=N)``. No timing: the figure of interest is
+    memory. Rows as :func:`measure`'s, with ``memory_ratio`` to ``RCA(N)``."""
+    tick = progress or (lambda message: None)
+    size = dict(dim=8, width=16, batch=16) if quick else {}
+    field, y0 = _problem(jnp.float32, **size)
+    params, static = eqx.partition(field, eqx.is_array)
+    rows = []
+    for n in steps:
+        adjoints = {
+            "RCA(N)": diffrax.RecursiveCheckpointAdjoint(checkpoints=n),
+            "Symplectic (states)": SymplecticAdjoint(),
+        }
+        for feature in ("event", "dense"):
+            for name, adjoint in adjoints.items():
+                tick(f"jax features N={n}: compiling {feature} {name}")
+                grad = make_feature_grad(adjoint, n, static, feature)
+                temp = grad.lower(params, y0).compile().memory_analysis().temp_size_in_bytes
+                rows.append(dict(
+                    backend="jax", case=f"tsit5 {feature}", steps=n, method=name,
+                    memory_bytes=temp, memory_kind="XLA temp_size_in_bytes", time_s=None,
+                ))  # fmt: skip
+    refs = {(r["case"], r["steps"]): r["memory_bytes"] for r in rows if r["method"] == "RCA(N)"}
+    for r in rows:
+        r["memory_ratio"] = r["memory_bytes"] / refs[(r["case"], r["steps"])]
+    return rows
