@@ -62,6 +62,7 @@ CASES = [
     ("examples/odenet_digits.py --quick", "sklearn", {"demo"}),
     ("examples/odenet_digits.py --quick", "torch", {"torch"}),
     ("examples/learn_physics_jax.py --quick", "diffrax", {"jax"}),
+    ("examples/robertson_jax.py --quick", "diffrax", {"jax"}),
 ]
 
 
