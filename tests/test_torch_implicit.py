@@ -7,6 +7,8 @@ solve of the Kronecker form, independently of the solver; gradients are autograd
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -15,7 +17,10 @@ pytest.importorskip("torchdiffeq")
 from symplectic_adjoint.adapters._torch_implicit import (  # noqa: E402
     IMPLICIT_FIXED_METHODS,
     IMPLICIT_METHODS,
+    Newton,
     NewtonConvergenceError,
+    NewtonOptions,
+    _row_jacobians,
     implicit_tableau,
 )
 from symplectic_adjoint.adapters.torchdiffeq import SolveStats, odeint  # noqa: E402
@@ -262,3 +267,93 @@ def test_implicit_methods_refuse_what_they_cannot_replay():
     ys = odeint(lambda t, y: -w * y**3, y0, t, method="sdirk2", options=opts)
     with pytest.raises(ValueError, match="create_graph=True with an implicit method"):
         torch.autograd.grad(ys[-1].sum(), (y0, w), create_graph=True)
+
+
+# ------------------------------------------------- Jacobian reuse (simplified / chord Newton)
+
+
+@pytest.mark.parametrize("jacobian", ["step", "stage", "iterate"])
+@pytest.mark.parametrize(
+    "method,per_sample",
+    [("trbdf2", True), ("gl4", True), ("sdirk2", False),
+     pytest.param("kvaerno5", True, marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_jacobian_modes_exact_against_backprop(method: str, per_sample: bool, jacobian: str):
+    """Every Jacobian mode: the same forward under both adjoints (same Newton), the
+    symplectic gradient equal to backprop through those iterations, and the converged
+    values equal to full Newton's to the Newton tolerance."""
+    opts = dict(jacobian=jacobian, per_sample=per_sample)
+    ys, g = _grads(method, "symplectic", options=opts)
+    ys_bp, g_bp = _grads(method, "backprop", options=opts)
+    assert torch.equal(ys, ys_bp)
+    for a, b in zip(g, g_bp, strict=True):
+        assert _rel(a, b) <= 1e-8, (method, jacobian)
+    ys_full, _ = _grads(method, "backprop", options=dict(jacobian="iterate"))
+    assert _rel(ys, ys_full) <= 1e-11
+
+
+def _newton(method: str, jacobian: str, **kw: Any) -> Newton:
+    opts = NewtonOptions(rtol=1e-12, atol=1e-12, jacobian=jacobian, **kw)
+    return Newton(implicit_tableau(method), opts, 6)
+
+
+def _one_step(newton: Newton, h: float, y0: torch.Tensor) -> list:
+    func = Stiff()
+    times = [torch.tensor(0.3 + c * h, dtype=F64) for c in newton.tableau.c]
+    with torch.no_grad():
+        X, _ = newton.step(func, times, y0, torch.tensor(h, dtype=F64), None, "here")
+    return X
+
+
+@pytest.mark.parametrize("method", ["trbdf2", "kvaerno5", "radauIIA5"])
+def test_simplified_newton_builds_one_jacobian_per_step(method: str) -> None:
+    """``jacobian="step"``: one Jacobian for all stages and iterations of a step (not one
+    per iteration), converging to the same stages as full Newton."""
+    y0 = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64)
+    step, full = _newton(method, "step"), _newton(method, "iterate")
+    X = _one_step(step, 0.02, y0)
+    X_full = _one_step(full, 0.02, y0)
+    assert step.n_jacobians == 1 and full.n_jacobians >= full.iterations >= 3
+    for a, b in zip(X, X_full, strict=True):
+        assert _rel(a, b) <= 1e-11
+
+
+@pytest.mark.parametrize("method", ["implicit_euler", "trbdf2", "radauIIA5"])
+def test_stale_jacobian_falls_back_to_full_newton(method: str) -> None:
+    """A step-start Jacobian far from the stages (a large step of a cubic field, where
+    the chord iteration diverges): the stage falls back to full Newton and converges
+    where full Newton does, to its stages."""
+    y0 = torch.tensor([[9.0, -12.0, 15.0], [-10.5, 6.0, 12.0]], dtype=F64)
+    step, full = _newton(method, "step"), _newton(method, "iterate")
+    X = _one_step(step, 0.3, y0)
+    assert step.n_jacobians > 1  # rebuilt: the step-start Jacobian alone does not converge
+    assert _rel(X[-1], _one_step(full, 0.3, y0)[-1]) <= 1e-11
+
+
+def test_row_jacobians_match_jacrev_per_row() -> None:
+    func = Stiff()
+    t = torch.tensor(0.2, dtype=F64)
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    J = _row_jacobians(func, t, x)
+    for b in range(4):
+        Jb = torch.func.jacrev(lambda z: func(t, z.unsqueeze(0)).squeeze(0))(x[b])
+        assert torch.allclose(J[b], Jb, rtol=1e-14, atol=1e-14)
+    assert torch.equal(_row_jacobians(lambda t, y: torch.ones_like(y), t, x),
+                       torch.zeros(4, 3, 3, dtype=F64))  # fmt: skip
+
+
+@pytest.mark.parametrize("jacobian", ["step", "stage", "iterate"])
+@pytest.mark.parametrize("method,where", [("implicit_euler", r"stage 1"), ("gl4", r": no conv")])
+def test_newton_failure_named_in_every_jacobian_mode(method: str, where: str, jacobian: str):
+    func = Stiff()
+    y0 = torch.ones(2, 3, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    opts = dict(step_size=0.5, max_newton_iters=2, jacobian=jacobian, **TIGHT)
+    with pytest.raises(NewtonConvergenceError, match=rf"from t=0 to t=0\.5.*{where}.*2 iter"):
+        odeint(func, y0, t, method=method, options=opts)
+
+
+def test_unknown_jacobian_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="jacobian='chord'.*'step'.*'stage'.*'iterate'"):
+        odeint(Stiff(), torch.ones(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+               method="trbdf2", options=dict(step_size=0.1, jacobian="chord"))  # fmt: skip

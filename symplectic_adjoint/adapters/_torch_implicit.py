@@ -16,15 +16,25 @@ Solver classes in torchdiffeq 0.2.5's machinery, under torchdiffeq master's name
   ``(y_n, k)``.
 
 The stage equations are solved by Newton's method (:class:`Newton`) with the Jacobian
-``J = df/dy`` at the current iterate: dense (``torch.func.jacrev``), block-diagonal per
-sample (``per_sample=True``: ``vmap(jacrev)`` over the leading batch dimension) or
-matrix-free GMRES on Jacobian-vector products (``linear_solver="gmres"``). The iteration
-is deterministic, so recomputing a step from ``y_n`` reproduces its stages bitwise.
+``J = df/dy`` dense (``torch.func.jacrev``), block-diagonal per sample (``per_sample=True``:
+one batched VJP per row entry over the leading batch dimension) or matrix-free GMRES on
+Jacobian-vector products (``linear_solver="gmres"``). By default (dense or per sample;
+GMRES iterates full Newton) the Newton matrix ``I - h a_ii J`` is built and LU-factorised
+once per step, at ``(t_n, y_n)``, and reused
+by every iteration of every stage with the same ``a_ii`` (simplified Newton, as Hairer and
+Wanner's RADAU5 and diffrax's ``VeryChord``); a stage whose iteration contracts by less
+than :data:`CHORD_RATE` per iteration continues by full Newton (``jacobian="step"``;
+``"stage"``: once per stage; ``"iterate"``: full Newton throughout). The convergence test
+is on the size of the update in every mode. The iteration is
+deterministic, so recomputing a step from ``y_n`` reproduces its stages bitwise.
 
 The adjoint (:class:`TransposedSolves`) supplies the core's
 :func:`~symplectic_adjoint.core.implicit_step.implicit_step_vjp` with the transposed
-solves ``(I - gamma J_i)^T kbar = rhs`` (dense/per-sample: ``J`` by ``jacrev`` at the
-converged stage; GMRES: ``J^T v`` is one VJP) and, for Gauss/Radau, the coupled one.
+solves ``(I - gamma J_i)^T kbar = rhs`` and, for Gauss/Radau, the coupled one. The backward
+never reuses the forward's (chord) Jacobian: its solves need ``J`` at the converged stage
+``X_i`` for the gradient to be exact, so dense/per-sample build ``J(X_i)`` afresh (one
+Jacobian and one factorisation per implicit stage) and GMRES applies ``J(X_i)^T v`` as one
+VJP each.
 
 Stage times follow torchdiffeq: adaptive ``t_n + c_i h`` in ``y``'s dtype with
 ``prev(t_{n+1})`` where ``c_i = 1`` and the first slope carried (FSAL: ESDIRK, stiffly
@@ -64,6 +74,8 @@ __all__ = [
     "IMPLICIT_ADAPTIVE_METHODS",
     "IMPLICIT_METHODS",
     "IMPLICIT_SOLVERS",
+    "CHORD_RATE",
+    "JACOBIAN_MODES",
     "NewtonConvergenceError",
     "NewtonOptions",
     "Newton",
@@ -88,9 +100,15 @@ IMPLICIT_METHODS = (*IMPLICIT_FIXED_METHODS, *IMPLICIT_ADAPTIVE_METHODS)
 #: default; larger ones use GMRES (``linear_solver="auto"``).
 DENSE_MAX = 1024
 
+#: Chord and simplified Newton switch to full Newton for the rest of a stage when the
+#: scaled update shrinks by less than this factor per iteration (a stale Jacobian).
+CHORD_RATE = 0.5
+
+JACOBIAN_MODES = ("step", "stage", "iterate")
+
 _NEWTON_KEYS = (
     "newton_rtol", "newton_atol", "max_newton_iters", "max_iters", "linear_solver",
-    "per_sample", "gmres_rtol", "gmres_restart", "gmres_maxiter",
+    "per_sample", "jacobian", "gmres_rtol", "gmres_restart", "gmres_maxiter",
 )  # fmt: skip
 
 
@@ -134,7 +152,23 @@ class NewtonOptions:
         linear_solver: ``"dense"``, ``"gmres"`` or ``"auto"`` (dense up to
             :data:`DENSE_MAX` unknowns).
         per_sample: the field acts on each row of the leading batch dimension separately,
-            so its Jacobian is block diagonal (``vmap(jacrev)``; never a ``(B n)^2`` matrix).
+            so its Jacobian is block diagonal (``B`` blocks ``n x n`` from ``n`` batched VJPs;
+            never a ``(B n)^2`` matrix).
+        jacobian: where the forward's Newton matrix is linearised. ``"step"`` (the default
+            with a dense or per-sample Jacobian; simplified Newton): once per step at
+            ``(t_n, y_n)``, factorised once per distinct ``a_ii`` (Gauss/Radau: the
+            coupled matrix once) and reused across iterations and stages; ``"stage"``
+            (chord): once per stage (or coupled system) at its starting iterate;
+            ``"iterate"`` (the default with GMRES, whose Jacobian-vector products cost the
+            same at any point, so reuse would only add iterations): at every iterate (full
+            Newton, quadratic convergence). In the chord modes a stage (coupled system)
+            whose update shrinks by less than :data:`CHORD_RATE` per iteration continues
+            by full Newton; when the update grew (a diverging chord) full Newton starts
+            over from the stage's first guess with ``max_iters`` iterations of its own.
+            Only the forward's speed depends on it: the converged stages agree to the
+            Newton tolerance, the backward's transposed solves always use ``J`` at the
+            converged stages (exact), and ``adjoint="backprop"`` differentiates the same
+            iterations (the Newton matrix detached, see :meth:`Newton.stage`).
         gmres_rtol, gmres_restart, gmres_maxiter: GMRES's relative residual, restart length
             and iteration cap.
     """
@@ -144,6 +178,7 @@ class NewtonOptions:
     max_iters: int = 20
     linear_solver: str = "auto"
     per_sample: bool = False
+    jacobian: str | None = None
     gmres_rtol: float = 1e-12
     gmres_restart: int = 40
     gmres_maxiter: int = 400
@@ -168,6 +203,7 @@ class NewtonOptions:
             max_iters=int(got.get("max_newton_iters", got.get("max_iters", 20))),
             linear_solver=got.get("linear_solver", "auto"),
             per_sample=bool(got.get("per_sample", False)),
+            jacobian=got.get("jacobian"),
             gmres_rtol=float(got.get("gmres_rtol", 1e-12)),
             gmres_restart=int(got.get("gmres_restart", 40)),
             gmres_maxiter=int(got.get("gmres_maxiter", 400)),
@@ -175,6 +211,11 @@ class NewtonOptions:
         if opts.linear_solver not in ("auto", "dense", "gmres"):
             raise ValueError(
                 f"linear_solver={opts.linear_solver!r}: use 'dense', 'gmres' or 'auto'"
+            )
+        if opts.jacobian is not None and opts.jacobian not in JACOBIAN_MODES:
+            raise ValueError(
+                f"jacobian={opts.jacobian!r}: use 'step' (once per step), 'stage' (once per "
+                "stage) or 'iterate' (full Newton)"
             )
         if opts.max_iters < 1:
             raise ValueError("max_newton_iters must be >= 1")
@@ -245,29 +286,22 @@ Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Linear:
-    """The field's Jacobian at one point, as the chosen linear solver needs it."""
+    """The field's Jacobian at one point, as the chosen linear solver needs it, and the LU
+    factors of the Newton matrices built from it (cached by their diagonal coefficient:
+    reused while the Jacobian is)."""
 
-    def __init__(self, fn: Field, t: torch.Tensor, x: torch.Tensor, opts: NewtonOptions,
-                 mode: str) -> None:  # fmt: skip
+    def __init__(self, fn: Field, t: torch.Tensor, x: torch.Tensor, mode: str) -> None:
         self.fn, self.t, self.x, self.mode = fn, t, x.detach(), mode
         self.shape = x.shape
         self.J: torch.Tensor | None = None
+        self.factors: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self._vjp: Any = None
-        f = lambda z: fn(t, z)  # noqa: E731
         if mode == "dense":
             n = x.numel()
             with torch.no_grad():
-                self.J = torch.func.jacrev(f)(self.x).reshape(n, n)
+                self.J = torch.func.jacrev(lambda z: fn(t, z))(self.x).reshape(n, n)
         elif mode == "per_sample":
-            B = x.shape[0]
-
-            def single(z: torch.Tensor) -> torch.Tensor:
-                return fn(t, z.unsqueeze(0)).squeeze(0)
-
-            with torch.no_grad():
-                J = torch.func.vmap(torch.func.jacrev(single))(self.x)
-            n = x[0].numel()
-            self.J = J.reshape(B, n, n)
+            self.J = _row_jacobians(fn, t, self.x)
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -281,6 +315,30 @@ class _Linear:
                 self._vjp = torch.func.vjp(lambda z: self.fn(self.t, z), self.x)[1]
         with torch.no_grad():
             return self._vjp(v.view(self.shape))[0].reshape(-1)
+
+
+def _row_jacobians(fn: Field, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(B, n, n)``: the Jacobian of each row of a row-wise field, ``J[b] = d f_b / d x_b``.
+
+    One evaluation of ``fn`` on the whole batch and ``n`` batched VJPs with the cotangent
+    ``e_j`` in every row: row ``b`` of the ``j``-th is ``e_j^T J[b]`` because ``f_b``
+    depends on ``x_b`` only (the ``per_sample`` contract). About 1.6x faster on the
+    benchmark's MLP than ``vmap(jacrev)`` over single rows, which calls ``fn`` on
+    batches of one.
+    """
+    B = x.shape[0]
+    n = x[0].numel()
+    z = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(t, z)
+    if not out.requires_grad:  # a field that does not read y
+        return torch.zeros(B, n, n, dtype=x.dtype, device=x.device)
+    eye = torch.eye(n, dtype=out.dtype, device=out.device)
+    basis = eye.view(n, 1, *x.shape[1:]).expand(n, *out.shape)
+    rows = torch.autograd.grad(out, z, basis, is_grads_batched=True, allow_unused=True)[0]
+    if rows is None:
+        return torch.zeros(B, n, n, dtype=x.dtype, device=x.device)
+    return rows.reshape(n, B, n).transpose(0, 1)
 
 
 def _identity_minus(blocks: torch.Tensor, scale: Any) -> torch.Tensor:
@@ -312,34 +370,49 @@ class Newton:
             self.mode = "dense"
         else:
             self.mode = "gmres"
+        #: the forward's linearisation point (NewtonOptions.jacobian, default by mode)
+        self.jacobian = opts.jacobian or ("iterate" if self.mode == "gmres" else "step")
         self.iterations = 0  # Newton iterations, all stages, all steps (statistics)
+        self.n_jacobians = 0  # linearisations (Jacobians built), forward and backward
 
     # ------------------------------------------------------------------ linear algebra
     def linear(self, fn: Field, t: torch.Tensor, x: torch.Tensor) -> _Linear:
-        return _Linear(fn, t, x, self.opts, self.mode)
+        self.n_jacobians += 1
+        return _Linear(fn, t, x, self.mode)
 
     def _gmres(self, op: Callable, b: torch.Tensor) -> torch.Tensor:
         o = self.opts
         return gmres(op, b, rtol=o.gmres_rtol, restart=o.gmres_restart, maxiter=o.gmres_maxiter)
 
-    def solve(self, lin: _Linear, gamma: Any, r: torch.Tensor, *, transpose: bool) -> torch.Tensor:
-        """``(I - gamma J) d = r`` (or the transposed system)."""
+    def solve(self, lin: _Linear, gamma: Any, r: torch.Tensor, *, transpose: bool,
+              key: Any = None) -> torch.Tensor:  # fmt: skip
+        """``(I - gamma J) d = r`` (or the transposed system).
+
+        ``key`` (forward only): the matrix's identity within ``lin`` (its ``a_ii``, the
+        step size being fixed); its LU factors are cached there and reused by later solves
+        with the same key. Without a key the system is solved once (the backward's).
+        """
         if self.mode == "gmres":
             prod = lin.vjp if transpose else lin.jvp
             d = self._gmres(lambda v: v - prod(v) * gamma, r.reshape(-1))
             return d.view_as(r)
         assert lin.J is not None
-        M = _identity_minus(lin.J, gamma)
-        if transpose:
-            M = M.mT
-        if self.mode == "dense":
-            return torch.linalg.solve(M, r.reshape(-1, 1)).view_as(r)
-        B = r.shape[0]
-        return torch.linalg.solve(M, r.reshape(B, -1, 1)).view_as(r)
+        rhs = r.reshape(-1, 1) if self.mode == "dense" else r.reshape(r.shape[0], -1, 1)
+        if key is None:
+            M = _identity_minus(lin.J, gamma)
+            return torch.linalg.solve(M.mT if transpose else M, rhs).view_as(r)
+        if key not in lin.factors:
+            lin.factors[key] = torch.linalg.lu_factor(_identity_minus(lin.J, gamma))
+        LU, pivots = lin.factors[key]
+        return torch.linalg.lu_solve(LU, pivots, rhs, adjoint=transpose).view_as(r)
 
     def coupled(self, lins: Sequence[_Linear], h: Any, r: Sequence[torch.Tensor], *,
-                transpose: bool) -> list[torch.Tensor]:  # fmt: skip
-        """``d_i - h J_i sum_j a_ij d_j = r_i`` (or ``d_i - h sum_j a_ji J_j^T d_j = r_i``)."""
+                transpose: bool, cache: bool = False) -> list[torch.Tensor]:  # fmt: skip
+        """``d_i - h J_i sum_j a_ij d_j = r_i`` (or ``d_i - h sum_j a_ji J_j^T d_j = r_i``).
+
+        ``cache`` (forward only): keep the LU factors of the coupled matrix in ``lins[0]``
+        and reuse them while the same ``lins`` are passed.
+        """
         a, s = self.tableau.a, self.tableau.stages
         shape = r[0].shape
         if self.mode == "gmres":
@@ -359,6 +432,29 @@ class Newton:
 
             d = self._gmres(op, torch.cat([ri.reshape(-1) for ri in r]))
             return [di.view(shape) for di in d.view(s, -1)]
+        if self.mode == "dense":
+            rhs = torch.cat([ri.reshape(-1) for ri in r]).unsqueeze(-1)
+        else:
+            B = shape[0]
+            rhs = torch.cat([ri.reshape(B, -1) for ri in r], dim=-1).unsqueeze(-1)
+        if cache and "coupled" in lins[0].factors:
+            LU, pivots = lins[0].factors["coupled"]
+            d = torch.linalg.lu_solve(LU, pivots, rhs, adjoint=transpose)
+        else:
+            M = self._coupled_matrix(lins, h)
+            if cache:
+                lins[0].factors["coupled"] = LU, pivots = torch.linalg.lu_factor(M)
+                d = torch.linalg.lu_solve(LU, pivots, rhs, adjoint=transpose)
+            else:
+                d = torch.linalg.solve(M.mT if transpose else M, rhs)
+        if self.mode == "dense":
+            return [di.view(shape) for di in d.view(s, -1)]
+        d = d.view(shape[0], s, -1)
+        return [d[:, i].reshape(shape) for i in range(s)]
+
+    def _coupled_matrix(self, lins: Sequence[_Linear], h: Any) -> torch.Tensor:
+        """``I - h blockdiag(J_i) (a (x) I)``, ``(s n, s n)`` (per sample: ``(B, s n, s n)``)."""
+        a, s = self.tableau.a, self.tableau.stages
         Js = [lin.J for lin in lins if lin.J is not None]
         assert len(Js) == s  # the dense path builds every stage's Jacobian
         rows = []
@@ -370,23 +466,17 @@ class Newton:
                     blk = blk + torch.eye(Js[i].shape[-1], dtype=blk.dtype, device=blk.device)
                 row.append(blk)
             rows.append(torch.cat(row, dim=-1))
-        M = torch.cat(rows, dim=-2)
-        if transpose:
-            M = M.mT
-        if self.mode == "dense":
-            rhs = torch.cat([ri.reshape(-1) for ri in r]).unsqueeze(-1)
-            d = torch.linalg.solve(M, rhs).view(s, -1)
-            return [di.view(shape) for di in d]
-        B = shape[0]
-        rhs = torch.cat([ri.reshape(B, -1) for ri in r], dim=-1).unsqueeze(-1)
-        d = torch.linalg.solve(M, rhs).view(B, s, -1)
-        return [d[:, i].reshape(shape) for i in range(s)]
+        return torch.cat(rows, dim=-2)
 
     # ------------------------------------------------------------------ nonlinear solves
-    def _small(self, dx: torch.Tensor, x: torch.Tensor) -> bool:
+    def _size(self, dx: torch.Tensor, x: torch.Tensor) -> float:
+        """RMS of ``dx`` scaled by ``atol + rtol |x|`` (converged when at most 1)."""
         o = self.opts
         scale = o.atol + o.rtol * x.detach().abs()
-        return float(torch.sqrt(torch.mean((dx.detach() / scale) ** 2))) <= 1.0
+        return float(torch.sqrt(torch.mean((dx.detach() / scale) ** 2)))
+
+    def _small(self, dx: torch.Tensor, x: torch.Tensor) -> bool:
+        return self._size(dx, x) <= 1.0
 
     def _fail(self, where: str, why: str) -> NewtonConvergenceError:
         return NewtonConvergenceError(
@@ -394,37 +484,91 @@ class Newton:
             "max_newton_iters, or loosen newton_rtol/newton_atol"
         )
 
+    def _stale(self, size: float, previous: float | None) -> bool:
+        """A reused Jacobian is stale: the update shrank by less than ``CHORD_RATE``."""
+        return previous is not None and size > CHORD_RATE * previous
+
     def stage(self, fn: Field, t: torch.Tensor, base: torch.Tensor, gamma: Any,
-              k: torch.Tensor, where: str) -> torch.Tensor:  # fmt: skip
-        """Solve ``k = fn(t, base + gamma k)`` from the guess ``k``."""
-        for _ in range(self.opts.max_iters):
+              k: torch.Tensor, where: str, *, lin: _Linear | None = None,
+              key: Any = None) -> tuple[torch.Tensor, _Linear | None]:  # fmt: skip
+        """Solve ``k = fn(t, base + gamma k)`` from the guess ``k``.
+
+        ``lin``: a Jacobian to start from (``jacobian="step"``: the step's); ``key``: the
+        Newton matrix's identity in its LU cache (the stage's ``a_ii``). Returns the
+        converged ``k`` and the Jacobian in use at the end (passed on to the next stage).
+
+        Under ``adjoint="backprop"`` autograd records exactly these iterations: the
+        residual ``fn(t, x) - k`` is recorded, the Newton matrix (Jacobian, LU factors) is
+        built without a graph. Differentiating the iteration ``k <- k + M^{-1}(fn(x) - k)``
+        with ``M`` held fixed gives a derivative iteration that contracts at the same
+        rate as the iteration itself (its fixed point is the implicit-function-theorem
+        gradient whatever ``M``), so backprop converges to the exact gradient of the
+        converged stages as Newton converges; recording ``M`` would only add terms
+        multiplied by the residual, which vanishes at convergence, at the price of a
+        graph through every Jacobian.
+        """
+        full = self.jacobian == "iterate"
+        previous: float | None = None
+        guess, it = k, 0
+        while it < self.opts.max_iters:
+            it += 1
             self.iterations += 1
             x = base + k * gamma
             r = fn(t, x) - k
-            d = self.solve(self.linear(fn, t, x), gamma, r, transpose=False)
-            k = k + d
+            if lin is None or full:
+                lin = self.linear(fn, t, x)
+            d = self.solve(lin, gamma, r, transpose=False, key=key)
             if not bool(torch.isfinite(d).all()):
                 raise self._fail(where, "the iterate became inf/nan")
-            if self._small(d * gamma, x):
-                return k
+            size = self._size(d * gamma, x)
+            if size <= 1.0:
+                return k + d, lin
+            if not full and self._stale(size, previous):
+                # The reused Jacobian is too far from this stage: full Newton from here on;
+                # a diverging chord may have led far off, so then from the first guess.
+                full = True
+                if previous is not None and size > previous:
+                    k, previous, it = guess, None, 0
+                    continue
+            k = k + d
+            previous = size
         raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
 
     def coupled_stages(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
                        k: list[torch.Tensor], where: str) -> list[torch.Tensor]:  # fmt: skip
-        """Solve ``k_i = fn(t_i, y0 + h sum_j a_ij k_j)`` for all stages at once."""
+        """Solve ``k_i = fn(t_i, y0 + h sum_j a_ij k_j)`` for all stages at once.
+
+        ``jacobian="step"``: every stage's block uses ``J(t_n, y_n)`` (one LU of the
+        coupled matrix per step); ``"stage"``: ``J_i`` at the starting iterate.
+        """
         a, s = self.tableau.a, self.tableau.stages
-        for _ in range(self.opts.max_iters):
+        full = self.jacobian == "iterate"
+        lins: list[_Linear] | None = None
+        if self.jacobian == "step":
+            lins = [self.linear(fn, times[0], y0)] * s
+        previous: float | None = None
+        guess, it = k, 0
+        while it < self.opts.max_iters:
+            it += 1
             self.iterations += 1
             X = [lincomb(y0, h, a[i], k) for i in range(s)]
             r = [fn(times[i], X[i]) - k[i] for i in range(s)]
-            lins = [self.linear(fn, times[i], X[i]) for i in range(s)]
-            d = self.coupled(lins, h, r, transpose=False)
-            k = [ki + di for ki, di in zip(k, d, strict=True)]
+            if lins is None or full:
+                lins = [self.linear(fn, times[i], X[i]) for i in range(s)]
+            d = self.coupled(lins, h, r, transpose=False, cache=not full)
             if not all(bool(torch.isfinite(di).all()) for di in d):
                 raise self._fail(where, "the iterate became inf/nan")
             dX = [lincomb(None, h, a[i], d) for i in range(s)]
-            if all(self._small(dX[i], X[i]) for i in range(s) if dX[i] is not None):
-                return k
+            size = max(self._size(dX[i], X[i]) for i in range(s) if dX[i] is not None)
+            if size <= 1.0:
+                return [ki + di for ki, di in zip(k, d, strict=True)]
+            if not full and self._stale(size, previous):  # as in :meth:`stage`
+                full = True
+                if previous is not None and size > previous:
+                    k, previous, it = guess, None, 0
+                    continue
+            k = [ki + di for ki, di in zip(k, d, strict=True)]
+            previous = size
         raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
 
     def step(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
@@ -432,7 +576,9 @@ class Newton:
         """One step's stage inputs and slopes ``(X, k)``.
 
         ``k1``: the first slope when stage 1 is explicit and its slope is known (FSAL).
-        The last stage input of a stiffly accurate tableau is ``y_{n+1}``.
+        The last stage input of a stiffly accurate tableau is ``y_{n+1}``. Everything here
+        depends only on the arguments (the Jacobians are local to the step), so a step
+        recomputed in the reverse pass reproduces the forward's stages bitwise.
         """
         tab, s = self.tableau, self.tableau.stages
         a = tab.a
@@ -442,6 +588,7 @@ class Newton:
             return [lincomb(y0, h, a[i], k) for i in range(s)], k
         X: list[torch.Tensor] = []
         k = []
+        lin: _Linear | None = None
         for i in range(s):
             base = lincomb(y0, h, a[i][:i], k)
             gamma = a[i][i]
@@ -450,7 +597,14 @@ class Newton:
                 ki = k1 if (i == 0 and k1 is not None) else fn(times[i], Xi)
             else:
                 guess = k[-1] if k else fn(times[i], base)
-                ki = self.stage(fn, times[i], base, h * gamma, guess, f"{where}, stage {i + 1}")
+                if lin is None and self.jacobian == "step":
+                    # After a plain evaluation: the forward's first one is observed with
+                    # its arguments detached, which a Jacobian transform must not be.
+                    lin = self.linear(fn, times[0], y0)
+                ki, lin = self.stage(fn, times[i], base, h * gamma, guess,
+                                     f"{where}, stage {i + 1}", lin=lin, key=gamma)  # fmt: skip
+                if self.jacobian != "step":
+                    lin = None
                 Xi = base + ki * (h * gamma)
             X.append(Xi)
             k.append(ki)

@@ -88,7 +88,9 @@ def odeint(
             from ``torch.func.jacrev`` up to 1024 unknowns, else matrix-free GMRES on
             Jacobian-vector products) and ``per_sample=True`` (``func`` acts on each row
             of the leading batch dimension: block-diagonal Jacobians, never one of the
-            whole batch); a step whose Newton iteration does not converge raises
+            whole batch), ``jacobian="step"|"stage"|"iterate"`` (the Newton matrix built
+            and factorised once per step, the default, once per stage, or at every
+            iterate, GMRES's default); a step whose Newton iteration does not converge raises
             ``NewtonConvergenceError`` naming the step and the time (adaptive methods
             first retry smaller steps).
         event_fn: ``event_fn(t, y)``; integrate until it crosses zero and return

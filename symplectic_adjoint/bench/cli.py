@@ -162,7 +162,6 @@ def _measure(backend: str, args: argparse.Namespace, tick: Callable[[str], None]
         from .torch_suites import measure_stiff
 
         return measure_stiff(steps=args.steps or (p.QUICK_STIFF_STEPS if quick else p.STIFF_STEPS),
-                             tols=p.QUICK_STIFF_TOLS if quick else p.STIFF_TOLS,
                              repeats=repeats, progress=tick)  # fmt: skip
     if args.suite == "stiff":
         from .jax_bench import measure_stiff as measure_jax_stiff
@@ -196,8 +195,9 @@ SUITE_NOTES = {
                        "only), SaveAt(t1=True), each row of the state its own vmapped solve"),
     ("stiff", "torch"): ("backprop", "reference = adjoint='backprop' (autograd through the "
                          "Newton iterations); float64, per_sample=True (block-diagonal Jacobian), "
-                         "trbdf2 step_size=1/N, kvaerno5 adaptive (N as measured, first_step "
-                         "pinned); error f64 against backprop"),
+                         f"simplified Newton at newton_rtol = newton_atol = "
+                         f"{protocol.STIFF_NEWTON_TOL:g}, constant steps 1/N on [0, 1] (trbdf2 "
+                         "step_size, kvaerno5 held at h); error f64 against backprop"),
     ("budget", "torch"): ("states", "reference = checkpoint='states'; memory: profiler peak of "
                           "one gradient (forward + backward); time: the backward alone; "
                           "replayed = SolveStats.n_replayed_steps, formula = "
