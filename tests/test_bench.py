@@ -56,6 +56,8 @@ SUITES = [
     ("stiff", "torch", "backprop", "backprop", ""),
     ("stiff", "jax", "RCA(N)", "RecursiveCheckpoint(N)", ""),
     ("budget", "torch", "states", "symplectic states", "| replayed | formula |"),
+    # issue 12's event and dense-output memory (compile only): four XLA compiles, ~25 s
+    pytest.param("features", "jax", "RCA(N)", "RCA(N)", "", marks=pytest.mark.slow),
 ]
 
 
@@ -74,22 +76,11 @@ def test_bench_suite_quick_prints_its_table(suite, backend, ref, first, extra, t
     rows = json.loads((out / f"results-{suite}.json").read_text())["rows"]
     assert rows[0]["method"] == first and rows[0]["memory_ratio"] == 1.0
     assert {r["backend"] for r in rows} == {backend}
+    if suite == "features":  # memory only: one RCA(N) and one symplectic row per feature
+        assert [(r["case"], r["method"]) for r in rows] == [
+            (f"tsit5 {f}", m) for f in ("event", "dense") for m in ("RCA(N)", "Symplectic (states)")
+        ]
+        assert all(r["memory_bytes"] > 0 and r["time_s"] is None for r in rows)
     if suite == "budget":  # the fixed grid replays the binomial optimum exactly
         fixed = [r for r in rows if r["case"] == "rk4" and r["method"] != first]
         assert fixed and all(r["replayed"] == r["formula"] for r in fixed)
-
-
-@pytest.mark.slow  # four XLA compiles (~25 s on the 2-core CI machine) for a benchmark helper
-def test_jax_feature_memory_rows():
-    """``jax_bench.measure_features`` (issue 12's event and dense-output memory figures,
-    compile only) yields one RCA(N) and one SymplecticAdjoint row per feature, with
-    positive XLA temp sizes and ratios to RCA(N)."""
-    pytest.importorskip("jax")
-    pytest.importorskip("optimistix")
-    from symplectic_adjoint.bench.jax_bench import measure_features
-
-    rows = measure_features(steps=(4,), quick=True)
-    assert [(r["case"], r["method"]) for r in rows] == [
-        (f"tsit5 {f}", m) for f in ("event", "dense") for m in ("RCA(N)", "Symplectic (states)")
-    ]
-    assert all(r["memory_bytes"] > 0 and r["memory_ratio"] > 0 for r in rows)

@@ -110,13 +110,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     add(
         "--suite",
-        choices=["default", "stiff", "budget"],
+        choices=["default", "stiff", "budget", "features"],
         default="default",
         help="default: the sweep above; stiff: Kvaerno5 (jax, issue 13) and trbdf2/kvaerno5 "
         f"(torch, issue 14) on a stiff MLP field mlp(y) - {p.STIFF_DECAY:g} y, state "
         f"{p.STIFF_BATCH}x{p.STIFF_DIM}, N = {_steps(p.STIFF_STEPS)}; budget (torch, issue 16): "
         f"checkpoint={p.BUDGET_C} against 'states' at N = {_steps(p.BUDGET_STEPS)}, replays "
-        "against the binomial formula. Writes results-SUITE.md/.json (default: default)",
+        "against the binomial formula; features (jax, issue 12): XLA temp memory of the "
+        f"gradient through a root-finder Event and through SaveAt(dense=True) + sol.evaluate "
+        f"at N = {_steps(p.FEATURE_STEPS)} (compile only, no timing). Writes "
+        "results-SUITE.md/.json (default: default)",
     )
     add("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke test in seconds")
     add(
@@ -168,6 +171,11 @@ def _measure(backend: str, args: argparse.Namespace, tick: Callable[[str], None]
 
         steps = args.steps or (p.QUICK_STIFF_STEPS if quick else p.STIFF_STEPS)
         return measure_jax_stiff(steps=steps, repeats=repeats, quick=quick, progress=tick)
+    if args.suite == "features":
+        from .jax_bench import measure_features
+
+        steps = args.steps or (p.QUICK_FEATURE_STEPS if quick else p.FEATURE_STEPS)
+        return measure_features(steps=steps, quick=quick, progress=tick)
     if args.suite == "budget":
         from .torch_suites import measure_budget
 
@@ -198,6 +206,12 @@ SUITE_NOTES = {
                          f"simplified Newton at newton_rtol = newton_atol = "
                          f"{protocol.STIFF_NEWTON_TOL:g}, constant steps 1/N on [0, 1] (trbdf2 "
                          "step_size, kvaerno5 held at h); error f64 against backprop"),
+    ("features", "jax"): ("RCA(N)", "reference = diffrax.RecursiveCheckpointAdjoint("
+                          "checkpoints=N); Tsit5, constant steps 1/N, float32, compile only: "
+                          "event = terminating diffrax.Event with a real-valued cond_fn and "
+                          "optimistix.Newton root finder; dense = SaveAt(dense=True) and a loss "
+                          "on sol.evaluate at 101 times (the dense output itself, held by every "
+                          "adjoint, dominates both columns)"),
     ("budget", "torch"): ("states", "reference = checkpoint='states'; memory: profiler peak of "
                           "one gradient (forward + backward); time: the backward alone; "
                           "replayed = SolveStats.n_replayed_steps, formula = "
@@ -227,7 +241,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 5 and not args.quick:
         parser.error("--repeats must be at least 5 (median of >= 5 runs)")
-    backends = _backends("torch" if args.suite == "budget" else args.backend, prog)
+    only = {"budget": "torch", "features": "jax"}  # suites measured in one adapter
+    backends = _backends(only.get(args.suite, args.backend), prog)
     plots = not extras.missing(["matplotlib"])
     if not plots:
         print("matplotlib is not installed: writing the tables only, no plots. For the plots:\n"

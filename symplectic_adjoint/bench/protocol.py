@@ -30,4 +30,7 @@ STIFF_NEWTON_TOL = 1e-10
 #: ``--suite budget`` (issue 16): ``checkpoint=BUDGET_C`` at large N on a tiny field.
 BUDGET_C, BUDGET_DIM = 10, 16
 BUDGET_STEPS = (1279, 2559, 5119, 10239, 20000)
-QUICK_STIFF_STEPS, QUICK_BUDGET_STEPS = (4,), (40,)
+#: ``--suite features`` (issue 12, jax): the event and dense-output programs at N steps
+#: (the protocol's Tsit5 field; the memory target is stated at N = 400).
+FEATURE_STEPS = (400,)
+QUICK_STIFF_STEPS, QUICK_BUDGET_STEPS, QUICK_FEATURE_STEPS = (4,), (40,), (8,)

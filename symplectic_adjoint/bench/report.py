@@ -37,6 +37,15 @@ def _fmt_err(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
 
 
+def _fmt_ms(seconds: float | None) -> str:
+    # Memory-only suites (compile, no run) have no time.
+    return "–" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
 def markdown(rows: Sequence[Row], *, reference: str = "backprop") -> str:
     """One Markdown table; the ratio columns are to ``reference`` (the rows' ``memory_ratio``
     and ``time_ratio``, filled by :func:`add_ratios`). Rows with ``replayed`` and ``formula``
@@ -54,7 +63,7 @@ def markdown(rows: Sequence[Row], *, reference: str = "backprop") -> str:
         line = (
             f"| {r['backend']} | {r['case']} | {r['steps']} | {r['method']} "
             f"| {r['memory_bytes'] / 2**20:.2f} | {r['memory_ratio']:.3f} "
-            f"| {r['time_s'] * 1e3:.1f} | {r['time_ratio']:.2f} "
+            f"| {_fmt_ms(r.get('time_s'))} | {_fmt_ratio(r.get('time_ratio'))} "
             f"| {_fmt_err(r.get('error'))} | {_fmt_err(r.get('error_f64'))} |"
         )
         if replays:
@@ -81,14 +90,17 @@ def plot(rows: Sequence[Row], path: Path, *, title: str) -> None:
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     cases = list(dict.fromkeys(r["case"] for r in rows))
+    # A memory-only suite (compile, no run: time_s None) gets the memory panel alone.
+    panels = [pn for pn in _PANELS if all(r.get(pn[0]) is not None for r in rows)]
     fig, axes = plt.subplots(
-        len(cases), 2, figsize=(11, 3.8 * len(cases)), squeeze=False, layout="constrained"
-    )
+        len(cases), len(panels), figsize=(5.5 * len(panels), 3.8 * len(cases)), squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
     for row_axes, case in zip(axes, cases, strict=True):
         sub = [r for r in rows if r["case"] == case]
         methods = list(dict.fromkeys(r["method"] for r in sub))
         ns = sorted({r["steps"] for r in sub})
-        for ax, (key, scale, what) in zip(row_axes, _PANELS, strict=True):
+        for ax, (key, scale, what) in zip(row_axes, panels, strict=True):
             if len(ns) == 1:  # one N: bars, one per method (lines would sit on one point)
                 values = [next(r[key] for r in sub if r["method"] == m) * scale for m in methods]
                 bars = ax.barh(methods, values, color=[f"C{i}" for i in range(len(methods))])
