@@ -56,8 +56,10 @@ except (ImportError, AttributeError):  # pragma: no cover - other torch versions
     _run_backward = None
 
 
-def _grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], cot: torch.Tensor) -> tuple:
-    """``torch.autograd.grad(out, inputs, cot, allow_unused=True)``.
+def _grad(
+    out: torch.Tensor, inputs: tuple[torch.Tensor, ...], cot: torch.Tensor, retain: bool = False
+) -> tuple:
+    """``torch.autograd.grad(out, inputs, cot, retain_graph=retain, allow_unused=True)``.
 
     On CPU it calls the engine directly: the public wrapper's argument normalisation
     costs ~30 us per call, as much as the rest of a stage's bookkeeping, and this runs
@@ -65,8 +67,8 @@ def _grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], cot: torch.Tensor
     other torch versions it uses the public function.
     """
     if _run_backward is not None and out.device.type == "cpu" and cot.shape == out.shape:
-        return _run_backward((out,), (cot,), False, False, inputs, True, False)
-    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
+        return _run_backward((out,), (cot,), retain, False, inputs, True, False)
+    return torch.autograd.grad(out, inputs, cot, retain_graph=retain, allow_unused=True)
 
 
 class StageEvaluator:
@@ -144,8 +146,9 @@ class StageEvaluator:
         """
         return self.pull(self.linearize(t, x, rng), cot)
 
-    def pull(self, lin: tuple, cot: torch.Tensor) -> tuple[Any, Any]:
-        """The VJP of a :meth:`linearize` result with cotangent ``cot``."""
+    def pull(self, lin: tuple, cot: torch.Tensor, *, retain: bool = False) -> tuple[Any, Any]:
+        """The VJP of a :meth:`linearize` result with cotangent ``cot`` (``retain``: keep its
+        graph for another)."""
         out, x, t, gate = lin
         self.n_vjp += 1
         if not out.requires_grad:
@@ -156,7 +159,7 @@ class StageEvaluator:
             self.inputs.check_graph(out, (x, t) if self.need_t else (x,))
         if gate is not None:
             return self._pull_graph(out, inputs, cot, gate)
-        grads = _grad(out, inputs, cot)
+        grads = _grad(out, inputs, cot, retain)
         pg = grads[1 : 1 + len(params)]
         if any(g is None for g in pg):  # parameters this evaluation did not touch
             pairs = [(a, g) for a, g in zip(self.acc, pg, strict=True) if g is not None]
@@ -165,6 +168,14 @@ class StageEvaluator:
         elif pg:
             torch._foreach_add_(self.acc, pg)  # one fused call per evaluation
         return grads[0], (grads[-1] if self.need_t else None)
+
+    def pull_x(self, lin: tuple, cot: torch.Tensor) -> torch.Tensor | None:
+        """``J^T cot`` of a :meth:`linearize` result in ``x`` alone, keeping its graph (the
+        products of an implicit stage's transposed solve; not graph mode)."""
+        out, x = lin[0], lin[1]
+        if not out.requires_grad:
+            return None
+        return _grad(out, (x,), cot, True)[0]
 
     def _pull_graph(self, out, inputs, cot, gate) -> tuple[Any, Any]:
         """:meth:`pull` recorded by autograd (graph mode): accumulated out of place."""
@@ -177,6 +188,26 @@ class StageEvaluator:
             if g is not None:
                 self.acc[j] = self.acc[j] + g
         return grads[0], (grads[-1] if self.need_t else None)
+
+
+class _StepGraphs:
+    """One step's stage evaluations for the implicit transposed solves
+    (:class:`~._torch_implicit.StageGraphs`)."""
+
+    def __init__(self, ev: StageEvaluator, times: Any, rng: Any) -> None:
+        self.ev, self.times, self.rng = ev, times, rng
+
+    def linearize(self, i: int, x: torch.Tensor) -> tuple:
+        return self.ev.linearize(self.times[i], x, self.rng(i))
+
+    def output(self, g: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        return g[0], g[1]
+
+    def pull(self, g: tuple, cot: torch.Tensor, *, retain: bool = False) -> tuple[Any, Any]:
+        return self.ev.pull(g, cot, retain=retain)
+
+    def pull_x(self, g: tuple, cot: torch.Tensor) -> torch.Tensor | None:
+        return self.ev.pull_x(g, cot)
 
 
 class ReverseSweep:
@@ -376,8 +407,9 @@ class ReverseSweep:
             return xb, tau, carry
 
         if rec.spec.implicit:  # transposed stage solves; every k_1 is f(y_n) itself
+            graphs = _StepGraphs(ev, times, lambda i: self._rng(m, i))
             res = implicit_reverse_step(
-                rec.newton, ev.eval, times, vjp, lam, X, h,
+                rec.newton, graphs, lam, X, h,
                 k=k, k_bar=kbar[:s], y0_bar=y0bar, need_h_bar=need_t,
             )  # fmt: skip
         else:
