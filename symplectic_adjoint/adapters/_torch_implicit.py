@@ -87,6 +87,7 @@ __all__ = [
     "KvaernoSolver",
     "implicit_tableau",
     "implicit_interpolant",
+    "implicit_recompute",
     "implicit_reverse_step",
     "fixed_stage_times",
     "gmres",
@@ -610,10 +611,13 @@ class Newton:
         raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
 
     def step(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
-             k1: torch.Tensor | None, where: str) -> tuple[list, list]:  # fmt: skip
+             k1: torch.Tensor | None, where: str, *,
+             start: _Linear | None = None) -> tuple[list, list]:  # fmt: skip
         """One step's stage inputs and slopes ``(X, k)``.
 
         ``k1``: the first slope when stage 1 is explicit and its slope is known (FSAL).
+        ``start``: the step's Jacobian at ``(t_n, y_n)`` if the caller has it
+        (``jacobian="step"``; the reverse pass, :func:`implicit_recompute`).
         The last stage input of a stiffly accurate tableau is ``y_{n+1}``. Everything here
         depends only on the arguments (the Jacobians are local to the step), so a step
         recomputed in the reverse pass reproduces the forward's stages bitwise.
@@ -626,7 +630,7 @@ class Newton:
             return [lincomb(y0, h, a[i], k) for i in range(s)], k
         X: list[torch.Tensor] = []
         k = []
-        lin: _Linear | None = None
+        lin: _Linear | None = start if self.jacobian == "step" else None
         for i in range(s):
             base = lincomb(y0, h, a[i][:i], k)
             gamma = a[i][i]
@@ -734,12 +738,13 @@ class TransposedSolves:
     applies ``J_i^T v`` through the graphs.
     """
 
-    def __init__(self, newton: Newton, graphs: StageGraphs) -> None:
+    def __init__(self, newton: Newton, graphs: StageGraphs, start: _Linear | None = None,
+                 kept: dict[int, Any] | None = None) -> None:  # fmt: skip
         self.newton, self.graphs = newton, graphs
         self.mode = newton.mode
         self.refine = newton.opts.adjoint_solve == "refine" and self.mode != "gmres"
-        self.pre: _GraphLinear | None = None  # the step's preconditioner (refine)
-        self.kept: dict[int, Any] = {}  # stage -> graph, from the coupled solve
+        self.pre: _Linear | None = start if self.refine else None  # the preconditioner
+        self.kept: dict[int, Any] = dict(kept or {})  # stage -> graph, for its VJP later
 
     def _linear(self, g: Any) -> _GraphLinear:
         return _GraphLinear(self.graphs, g, self.mode)
@@ -774,6 +779,21 @@ class TransposedSolves:
         xb, tau = self.graphs.pull(g, kb)
         return xb, tau, carry
 
+    def _inverse_T(self, pre: _Linear, gamma: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``r -> P^{-T} r`` with ``P = I - gamma J_pre`` as one (batched) product with the
+        explicit inverse: a preconditioner need not be backward stable (the refinement's
+        residuals are exact products), and a product is several times cheaper than a
+        triangular solve on small blocks."""
+        key = ("inverse_T", gamma)
+        if key not in pre.factors:
+            assert pre.J is not None
+            inv = torch.linalg.inv(_identity_minus(pre.J, gamma)).mT
+            pre.factors[key] = (inv, inv)  # (the cache holds pairs)
+        inv = pre.factors[key][0]
+        if self.mode == "per_sample":
+            return lambda r: (inv @ r.reshape(r.shape[0], -1, 1)).view_as(r)
+        return lambda r: (inv @ r.reshape(-1, 1)).view_as(r)
+
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """Norms of the independent blocks: rows with ``per_sample``, else the whole."""
         B = x.shape[0] if self.mode == "per_sample" else 1
@@ -783,22 +803,21 @@ class TransposedSolves:
         """``(Xbar_i, tau_i)`` of the refined solve, or ``None`` (nothing pulled) when it
         does not contract fast enough."""
         assert self.pre is not None
-        pre, graphs, g = self.pre, self.graphs, lin.g
-        tol = REFINE_ULPS * torch.finfo(c.dtype).eps
-
-        def precond(r: torch.Tensor) -> torch.Tensor:
-            return self.newton.solve(pre, gamma, r, transpose=True, key=gamma)
+        graphs, g = self.graphs, lin.g
+        dtype = c.dtype
+        tol, tiny = REFINE_ULPS * torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+        precond = self._inverse_T(self.pre, gamma)
+        nc = self._rows(c)
 
         def step(kb: torch.Tensor, u: Any, prev: torch.Tensor) -> tuple:
-            """Residual, correction, its row norms, the contraction and the error scale."""
-            Ju = torch.zeros_like(kb) if u is None else u * gamma
-            d = precond(c - kb + Ju)
+            """Correction, its row norms, the contraction and the error scale."""
+            if u is None:
+                d, scale = precond(c - kb), nc + self._rows(kb)
+            else:
+                Ju = u * gamma
+                d, scale = precond(c - kb + Ju), nc + self._rows(kb) + self._rows(Ju)
             nd = self._rows(d)
-            zero = torch.zeros_like(nd)
-            rate = torch.where(prev > 0, nd / torch.where(prev > 0, prev, 1.0),
-                               torch.where(nd > 0, torch.inf, zero)).max()  # fmt: skip
-            scale = self._rows(c) + self._rows(kb) + self._rows(Ju)
-            return d, nd, float(rate), scale
+            return d, nd, float((nd / prev.clamp_min(tiny)).max()), scale
 
         kb = precond(c)
         prev = self._rows(kb)
@@ -811,7 +830,7 @@ class TransposedSolves:
             if bool((err <= tol * scale).all()):
                 break
             # Sweeps still needed at this rate, each gaining a factor ``rate``.
-            worst = float((err / (tol * scale).clamp_min(torch.finfo(c.dtype).tiny)).max())
+            worst = float((err / (tol * scale).clamp_min(tiny)).max())
             if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
                 return None
             prev = nd
@@ -854,6 +873,39 @@ def _add(a: Any, b: Any) -> Any:
     return b if a is None else (a if b is None else a + b)
 
 
+def implicit_recompute(
+    newton: Newton,
+    graphs: StageGraphs,
+    fn: Field,
+    times: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    h: Any,
+    where: str,
+) -> tuple[list, list, _Linear | None, dict[int, Any]]:
+    """A step recomputed from ``y_n`` for its reverse: ``(X, k, start, kept)``.
+
+    The same Newton iteration as the forward's (bitwise its stages), with ``f(t_n, y_n)``
+    evaluated once with a graph: its Jacobian is the step's simplified-Newton matrix
+    (``jacobian="step"``; returned as ``start``, the transposed solves' preconditioner),
+    and when the first stage is explicit its value is ``k_1`` and its graph, returned in
+    ``kept``, serves stage 1's VJP.
+    """
+    kept: dict[int, Any] = {}
+    start = k1 = None
+    explicit_first = newton.diagonal and newton.tableau.a[0][0] == 0
+    want_start = newton.jacobian == "step" and newton.mode != "gmres" and newton.diagonal
+    if explicit_first or want_start:
+        g0 = graphs.linearize(0, y)
+        if explicit_first:
+            kept[0] = g0
+            k1 = graphs.output(g0)[0].detach()
+        if want_start:
+            newton.n_jacobians += 1
+            start = _GraphLinear(graphs, g0, newton.mode).build()
+    X, k = newton.step(fn, times, y, h, k1, where, start=start)
+    return X, k, start, kept
+
+
 def implicit_reverse_step(
     newton: Newton,
     graphs: StageGraphs,
@@ -865,10 +917,13 @@ def implicit_reverse_step(
     k_bar: Any = None,
     y0_bar: torch.Tensor | None = None,
     need_h_bar: bool = False,
+    start: _Linear | None = None,
+    kept: dict[int, Any] | None = None,
 ) -> StepVJP:
     """The core's :func:`implicit_step_vjp` with this module's transposed solves, each stage
-    evaluated once with a graph (``graphs``)."""
-    solves = TransposedSolves(newton, graphs)
+    evaluated once with a graph (``graphs``). ``start``, ``kept``: from
+    :func:`implicit_recompute` when the reverse pass has just recomputed the step."""
+    solves = TransposedSolves(newton, graphs, start, kept)
     return implicit_step_vjp(
         newton.tableau, solves.vjp, lam, X, h,
         solve_and_vjp=solves.solve_and_vjp, coupled_solve_T=solves.coupled_solve_T,

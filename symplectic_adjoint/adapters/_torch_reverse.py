@@ -41,7 +41,7 @@ import torch
 
 from ..core.checkpointing import execute, store_all_schedule
 from ..core.step import add, lincomb, rk_step_vjp, stage_input, sub
-from ._torch_implicit import implicit_reverse_step
+from ._torch_implicit import implicit_recompute, implicit_reverse_step
 from ._torch_inputs import Cut, Inputs, Replay
 from ._torch_record import Checkpoints, K1Source, OutputKind, Recording, StepMode
 
@@ -329,8 +329,13 @@ class ReverseSweep:
         iteration (same times, same step-size tensor: bitwise the forward's stages)."""
         step = self.steps[m]
         h = step.dt.to(y.dtype)
-        where = f"in the reverse pass, recomputing step {m} from t={float(step.t0):.17g}"
-        return self.rec.newton.step(self.ev.eval, self.times[m], y, h, None, where)
+        return self.rec.newton.step(self.ev.eval, self.times[m], y, h, None, self._where(m))
+
+    def _where(self, m: int) -> str:
+        return f"in the reverse pass, recomputing step {m} from t={float(self.steps[m].t0):.17g}"
+
+    def _graphs(self, m: int) -> _StepGraphs:
+        return _StepGraphs(self.ev, self.times[m], lambda i: self._rng(m, i))
 
     def _advance(self, m: int, state: tuple) -> tuple:
         """Replay step ``m`` from ``y_m`` with its recorded size (budgets)."""
@@ -359,10 +364,14 @@ class ReverseSweep:
         step = self.steps[m]
         h, times = step.h, self.times[m]
         need_t = rec.need_t
+        start = kept = None  # an implicit step's Jacobian at y_n and graphs, when recomputed
         if rec.stages or ev.graph:
             X, k = list(state[0]), (list(state[1]) if state[1] else [None] * s)
         elif rec.spec.implicit:
-            X, k = self._implicit_stages(m, state[0])
+            y = state[0]
+            X, k, start, kept = implicit_recompute(
+                rec.newton, self._graphs(m), ev.eval, times, y, step.dt.to(y.dtype), self._where(m)
+            )
         else:
             X, k = self._slopes(m, state[0], state[1], replay=False)
 
@@ -407,10 +416,9 @@ class ReverseSweep:
             return xb, tau, carry
 
         if rec.spec.implicit:  # transposed stage solves; every k_1 is f(y_n) itself
-            graphs = _StepGraphs(ev, times, lambda i: self._rng(m, i))
             res = implicit_reverse_step(
-                rec.newton, graphs, lam, X, h,
-                k=k, k_bar=kbar[:s], y0_bar=y0bar, need_h_bar=need_t,
+                rec.newton, self._graphs(m), lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
+                need_h_bar=need_t, start=start, kept=kept,
             )  # fmt: skip
         else:
             res = rk_step_vjp(
