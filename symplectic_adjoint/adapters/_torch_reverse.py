@@ -364,13 +364,14 @@ class ReverseSweep:
         step = self.steps[m]
         h, times = step.h, self.times[m]
         need_t = rec.need_t
+        graphs = self._graphs(m) if rec.spec.implicit else None
         start = kept = None  # an implicit step's Jacobian at y_n and graphs, when recomputed
         if rec.stages or ev.graph:
             X, k = list(state[0]), (list(state[1]) if state[1] else [None] * s)
-        elif rec.spec.implicit:
+        elif graphs is not None:
             y = state[0]
             X, k, start, kept = implicit_recompute(
-                rec.newton, self._graphs(m), ev.eval, times, y, step.dt.to(y.dtype), self._where(m)
+                rec.newton, graphs, ev.eval, times, y, step.dt.to(y.dtype), self._where(m)
             )
         else:
             X, k = self._slopes(m, state[0], state[1], replay=False)
@@ -415,9 +416,9 @@ class ReverseSweep:
             xb, tau = ev.vjp(times[i], Xi, kb, self._rng(m, i))
             return xb, tau, carry
 
-        if rec.spec.implicit:  # transposed stage solves; every k_1 is f(y_n) itself
+        if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
             res = implicit_reverse_step(
-                rec.newton, self._graphs(m), lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
+                rec.newton, graphs, lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
                 need_h_bar=need_t, start=start, kept=kept,
             )  # fmt: skip
         else:
