@@ -722,18 +722,21 @@ class TransposedSolves:
     Diagonally implicit stages, ``(I - gamma_i J_i)^T kbar_i = c_i`` (stages ``i = s..1``):
 
     * ``adjoint_solve="fresh"``: ``J_i`` from stage ``i``'s graph, LU, solve;
-    * ``"refine"`` (default): the first implicit stage reached is solved so, and its
-      Jacobian ``J_p`` kept for the step; every later stage starts from
-      ``kbar = P^{-T} c`` with ``P = I - gamma_i J_p`` and iterates
+    * ``"refine"`` (default): a Jacobian ``J_p`` for the whole step: ``start``, the
+      recomputed step's own at ``y_n`` (``checkpoint="states"``), else the first
+      implicit stage's, that stage solved directly. The others start from
+      ``kbar = P^{-T} c`` with ``P = I - gamma_i J_p`` (its explicit inverse) and iterate
       ``kbar <- kbar + P^{-T} (c - kbar + gamma_i J_i^T kbar)``, ``J_i^T kbar`` one VJP
       through stage ``i``'s graph at its converged input (the exact operator, so the fixed
       point is the exact solution; the preconditioner sets only the speed, a contraction
-      by ``||P^{-T} gamma_i (J_i - J_p)^T||``, about ``1e-4`` on the stiff benchmark). It
-      stops once the predicted error (last correction times ``rate / (1 - rate)``) is
-      within :data:`REFINE_ULPS` ulps of ``|c| + |kbar| + gamma_i |J_i^T kbar|``
+      by ``||P^{-T} gamma_i (J_i - J_p)^T||``: one sweep per stage on the stiff
+      benchmark, whose worst case is about ``1e-4`` in its first steps). It stops once
+      the predicted error (last correction times ``rate / (1 - rate)``) is within
+      :data:`REFINE_ULPS` ulps of ``|c| + |kbar| + gamma_i |J_i^T kbar|``
       (per row with ``per_sample``), then takes the stage VJP with the parameters and
       checks the residual that it gives once more, correcting (linearly: one more VJP of
-      the correction) if needed. A stage whose corrections shrink by less than
+      the correction) if it shrank by ``REFINE_RATE`` since the last sweep, else finishing
+      from a fresh Jacobian. A stage whose corrections shrink by less than
       :data:`REFINE_RATE` per sweep, or that would need more than
       :data:`REFINE_MAX_SWEEPS`, falls back to ``J_i`` from its graph and a direct solve
       (and that Jacobian preconditions the remaining stages): never an unconverged solve.
