@@ -30,11 +30,15 @@ deterministic, so recomputing a step from ``y_n`` reproduces its stages bitwise.
 
 The adjoint (:class:`TransposedSolves`) supplies the core's
 :func:`~symplectic_adjoint.core.implicit_step.implicit_step_vjp` with the transposed
-solves ``(I - gamma J_i)^T kbar = rhs`` and, for Gauss/Radau, the coupled one. The backward
-never reuses the forward's (chord) Jacobian: its solves need ``J`` at the converged stage
-``X_i`` for the gradient to be exact, so dense/per-sample build ``J(X_i)`` afresh (one
-Jacobian and one factorisation per implicit stage) and GMRES applies ``J(X_i)^T v`` as one
-VJP each.
+solves ``(I - gamma J_i)^T kbar = rhs`` and, for Gauss/Radau, the coupled one, each stage
+evaluated once with a graph that serves the solve and the stage's VJP. The solves must use
+``J`` at the converged stage ``X_i`` for the gradient to be exact. By default
+(``adjoint_solve="refine"``) one factorisation per step preconditions an iterative
+refinement whose products ``J(X_i)^T v`` are VJPs through the stage graphs, to rounding
+level (the recomputed step's own Jacobian at ``y_n`` under ``checkpoint="states"``, else
+the first implicit stage's, solved directly); ``"fresh"`` builds ``J(X_i)`` and factorises
+at every implicit stage; Gauss/Radau build every stage's Jacobian; GMRES applies
+``J(X_i)^T v`` through the graphs.
 
 Stage times follow torchdiffeq: adaptive ``t_n + c_i h`` in ``y``'s dtype with
 ``prev(t_{n+1})`` where ``c_i = 1`` and the first slope carried (FSAL: ESDIRK, stiffly
@@ -48,8 +52,9 @@ solvers (torchdiffeq master always takes ``prev(t_{n+1})`` at ``c_i = 1``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -76,6 +81,8 @@ __all__ = [
     "IMPLICIT_SOLVERS",
     "CHORD_RATE",
     "JACOBIAN_MODES",
+    "ADJOINT_SOLVES",
+    "StageGraphs",
     "NewtonConvergenceError",
     "NewtonOptions",
     "Newton",
@@ -84,6 +91,7 @@ __all__ = [
     "KvaernoSolver",
     "implicit_tableau",
     "implicit_interpolant",
+    "implicit_recompute",
     "implicit_reverse_step",
     "fixed_stage_times",
     "gmres",
@@ -105,10 +113,11 @@ DENSE_MAX = 1024
 CHORD_RATE = 0.5
 
 JACOBIAN_MODES = ("step", "stage", "iterate")
+ADJOINT_SOLVES = ("refine", "fresh")
 
 _NEWTON_KEYS = (
     "newton_rtol", "newton_atol", "max_newton_iters", "max_iters", "linear_solver",
-    "per_sample", "jacobian", "gmres_rtol", "gmres_restart", "gmres_maxiter",
+    "per_sample", "jacobian", "adjoint_solve", "gmres_rtol", "gmres_restart", "gmres_maxiter",
 )  # fmt: skip
 
 
@@ -169,6 +178,17 @@ class NewtonOptions:
             Newton tolerance, the backward's transposed solves always use ``J`` at the
             converged stages (exact), and ``adjoint="backprop"`` differentiates the same
             iterations (the Newton matrix detached, see :meth:`Newton.stage`).
+        adjoint_solve: how the backward solves ``(I - h a_ii J(X_i))^T kbar = c`` (dense and
+            per-sample Jacobians; GMRES is matrix-free either way). ``"refine"`` (default):
+            one Jacobian and factorisation per step, at the first implicit stage the
+            backward reaches (solved directly), the other stages by iterative refinement
+            preconditioned by it, each correction applying the exact ``J(X_i)^T`` as one
+            VJP through the stage's graph, until the correction is at rounding level
+            (:class:`TransposedSolves`); a stage where it does not contract fast enough
+            falls back to a fresh Jacobian. ``"fresh"``: a fresh Jacobian and
+            factorisation at every implicit stage. Both solve the same exact system: the
+            gradients agree to rounding. Gauss/Radau's coupled solve builds every stage's
+            Jacobian in both modes.
         gmres_rtol, gmres_restart, gmres_maxiter: GMRES's relative residual, restart length
             and iteration cap.
     """
@@ -179,6 +199,7 @@ class NewtonOptions:
     linear_solver: str = "auto"
     per_sample: bool = False
     jacobian: str | None = None
+    adjoint_solve: str = "refine"
     gmres_rtol: float = 1e-12
     gmres_restart: int = 40
     gmres_maxiter: int = 400
@@ -204,6 +225,7 @@ class NewtonOptions:
             linear_solver=got.get("linear_solver", "auto"),
             per_sample=bool(got.get("per_sample", False)),
             jacobian=got.get("jacobian"),
+            adjoint_solve=got.get("adjoint_solve", "refine"),
             gmres_rtol=float(got.get("gmres_rtol", 1e-12)),
             gmres_restart=int(got.get("gmres_restart", 40)),
             gmres_maxiter=int(got.get("gmres_maxiter", 400)),
@@ -216,6 +238,11 @@ class NewtonOptions:
             raise ValueError(
                 f"jacobian={opts.jacobian!r}: use 'step' (once per step), 'stage' (once per "
                 "stage) or 'iterate' (full Newton)"
+            )
+        if opts.adjoint_solve not in ADJOINT_SOLVES:
+            raise ValueError(
+                f"adjoint_solve={opts.adjoint_solve!r}: use 'refine' (one factorisation per "
+                "step, refined to rounding) or 'fresh' (a Jacobian per stage)"
             )
         if opts.max_iters < 1:
             raise ValueError("max_newton_iters must be >= 1")
@@ -320,25 +347,40 @@ class _Linear:
 def _row_jacobians(fn: Field, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``(B, n, n)``: the Jacobian of each row of a row-wise field, ``J[b] = d f_b / d x_b``.
 
-    One evaluation of ``fn`` on the whole batch and ``n`` batched VJPs with the cotangent
-    ``e_j`` in every row: row ``b`` of the ``j``-th is ``e_j^T J[b]`` because ``f_b``
-    depends on ``x_b`` only (the ``per_sample`` contract). About 1.6x faster on the
-    benchmark's MLP than ``vmap(jacrev)`` over single rows, which calls ``fn`` on
-    batches of one.
+    One evaluation of ``fn`` on the whole batch and ``n`` batched VJPs (:func:`graph_jacobian`).
+    About 1.6x faster on the benchmark's MLP than ``vmap(jacrev)`` over single rows, which
+    calls ``fn`` on batches of one.
     """
-    B = x.shape[0]
-    n = x[0].numel()
     z = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = fn(t, z)
+    return graph_jacobian(out, z, per_sample=True)
+
+
+def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
+    """The Jacobian ``d out / d z`` from an evaluation's graph (kept for further VJPs).
+
+    ``per_sample``: ``(B, n, n)`` blocks of a row-wise field from ``n`` batched VJPs with the
+    cotangent ``e_j`` in every row: row ``b`` of the ``j``-th is ``e_j^T J[b]`` because
+    ``f_b`` depends on ``z_b`` only (the ``per_sample`` contract). Otherwise the dense
+    ``(N, N)`` matrix from ``N = z.numel()`` batched VJPs (what ``jacrev`` does).
+    """
+    N = z.numel()
+    B = z.shape[0] if per_sample else 1
+    n = N // B
+    shape = (B, n, n) if per_sample else (N, N)
     if not out.requires_grad:  # a field that does not read y
-        return torch.zeros(B, n, n, dtype=x.dtype, device=x.device)
+        return torch.zeros(shape, dtype=z.dtype, device=z.device)
     eye = torch.eye(n, dtype=out.dtype, device=out.device)
-    basis = eye.view(n, 1, *x.shape[1:]).expand(n, *out.shape)
-    rows = torch.autograd.grad(out, z, basis, is_grads_batched=True, allow_unused=True)[0]
+    if per_sample:
+        basis = eye.view(n, 1, *z.shape[1:]).expand(n, *out.shape)
+    else:
+        basis = eye.view(n, *out.shape)
+    (rows,) = torch.autograd.grad(out, z, basis, is_grads_batched=True, retain_graph=True,
+                                  allow_unused=True)  # fmt: skip
     if rows is None:
-        return torch.zeros(B, n, n, dtype=x.dtype, device=x.device)
-    return rows.reshape(n, B, n).transpose(0, 1)
+        return torch.zeros(shape, dtype=z.dtype, device=z.device)
+    return rows.reshape(n, B, n).transpose(0, 1) if per_sample else rows.reshape(N, N)
 
 
 def _identity_minus(blocks: torch.Tensor, scale: Any) -> torch.Tensor:
@@ -374,6 +416,7 @@ class Newton:
         self.jacobian = opts.jacobian or ("iterate" if self.mode == "gmres" else "step")
         self.iterations = 0  # Newton iterations, all stages, all steps (statistics)
         self.n_jacobians = 0  # linearisations (Jacobians built), forward and backward
+        self.n_refine_fallbacks = 0  # backward stages refined in vain (TransposedSolves)
 
     # ------------------------------------------------------------------ linear algebra
     def linear(self, fn: Field, t: torch.Tensor, x: torch.Tensor) -> _Linear:
@@ -572,10 +615,13 @@ class Newton:
         raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
 
     def step(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
-             k1: torch.Tensor | None, where: str) -> tuple[list, list]:  # fmt: skip
+             k1: torch.Tensor | None, where: str, *,
+             start: _Linear | None = None) -> tuple[list, list]:  # fmt: skip
         """One step's stage inputs and slopes ``(X, k)``.
 
         ``k1``: the first slope when stage 1 is explicit and its slope is known (FSAL).
+        ``start``: the step's Jacobian at ``(t_n, y_n)`` if the caller has it
+        (``jacobian="step"``; the reverse pass, :func:`implicit_recompute`).
         The last stage input of a stiffly accurate tableau is ``y_{n+1}``. Everything here
         depends only on the arguments (the Jacobians are local to the step), so a step
         recomputed in the reverse pass reproduces the forward's stages bitwise.
@@ -588,7 +634,7 @@ class Newton:
             return [lincomb(y0, h, a[i], k) for i in range(s)], k
         X: list[torch.Tensor] = []
         k = []
-        lin: _Linear | None = None
+        lin: _Linear | None = start if self.jacobian == "step" else None
         for i in range(s):
             base = lincomb(y0, h, a[i][:i], k)
             gamma = a[i][i]
@@ -614,31 +660,267 @@ class Newton:
 # --------------------------------------------------------------------------- adjoint
 
 
+class StageGraphs(Protocol):
+    """The reverse pass's evaluations of the field at one step's stages: one graph per stage,
+    used for the transposed solve's products and the stage's final VJP alike."""
+
+    def linearize(self, i: int, x: torch.Tensor) -> Any:
+        """``f(t_i, x)`` with a graph (a handle for the other methods)."""
+
+    def output(self, g: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(t_i, x), x)``: the evaluation and its input leaf."""
+
+    def pull(self, g: Any, cot: torch.Tensor, *, retain: bool = False) -> tuple[Any, Any]:
+        """``(J^T cot, tau)`` (``None`` where ``f`` does not read it), adding the parameter
+        cotangents to the sweep's sums; ``retain`` keeps the graph for further pulls."""
+
+    def pull_x(self, g: Any, cot: torch.Tensor) -> torch.Tensor | None:
+        """``J^T cot`` alone (no parameter cotangents), keeping the graph."""
+
+
+class _GraphLinear(_Linear):
+    """A stage's linearisation from its evaluation graph in the reverse pass: ``J^T v`` is a
+    VJP through that graph; ``J`` itself (dense and per-sample modes) is built on demand
+    from the same graph."""
+
+    def __init__(self, graphs: StageGraphs, g: Any, mode: str) -> None:
+        out, x = graphs.output(g)
+        self.graphs, self.g, self.mode = graphs, g, mode
+        self.shape = x.shape
+        self.factors = {}
+        self.J = None
+
+    def build(self) -> _GraphLinear:
+        if self.J is None and self.mode != "gmres":
+            out, x = self.graphs.output(self.g)
+            self.J = graph_jacobian(out, x, per_sample=self.mode == "per_sample")
+        return self
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - transposed only
+        raise NotImplementedError("the reverse pass's linearisations are transposed only")
+
+    def vjp(self, v: torch.Tensor) -> torch.Tensor:
+        u = self.graphs.pull_x(self.g, v.view(self.shape))
+        return torch.zeros_like(v) if u is None else u.reshape(-1)
+
+
+#: Iterative refinement of a transposed stage solve: correction sweeps (each one VJP) before
+#: it gives up for a fresh Jacobian (which costs about as much as six VJPs on the stiff
+#: benchmark's MLP), and the largest contraction per sweep it accepts.
+REFINE_MAX_SWEEPS = 6
+REFINE_RATE = 0.25
+#: Converged when the correction is at most this many ulps of the residual's terms.
+REFINE_ULPS = 16.0
+
+
 class TransposedSolves:
-    """The transposed solves of the implicit adjoint for one step (stage times ``times``)."""
+    """The transposed solves and stage VJPs of the implicit adjoint for one step.
 
-    def __init__(self, newton: Newton, fn: Field, times: Sequence[torch.Tensor]) -> None:
-        self.newton, self.fn, self.times = newton, fn, times
-        self.n_linearisations = 0
+    Every stage is evaluated once with a graph (:class:`StageGraphs`), which serves the
+    Jacobian (when one is built), the products ``J_i^T v`` of the solve and the final VJP.
 
-    def solve_T(self, i: int, Xi: torch.Tensor, gamma: Any, rhs: torch.Tensor) -> torch.Tensor:
-        self.n_linearisations += 1
-        lin = self.newton.linear(self.fn, self.times[i], Xi)
-        return self.newton.solve(lin, gamma, rhs, transpose=True)
+    Diagonally implicit stages, ``(I - gamma_i J_i)^T kbar_i = c_i`` (stages ``i = s..1``):
+
+    * ``adjoint_solve="fresh"``: ``J_i`` from stage ``i``'s graph, LU, solve;
+    * ``"refine"`` (default): a Jacobian ``J_p`` for the whole step: ``start``, the
+      recomputed step's own at ``y_n`` (``checkpoint="states"``), else the first
+      implicit stage's, that stage solved directly. The others start from
+      ``kbar = P^{-T} c`` with ``P = I - gamma_i J_p`` (its explicit inverse) and iterate
+      ``kbar <- kbar + P^{-T} (c - kbar + gamma_i J_i^T kbar)``, ``J_i^T kbar`` one VJP
+      through stage ``i``'s graph at its converged input (the exact operator, so the fixed
+      point is the exact solution; the preconditioner sets only the speed, a contraction
+      by ``||P^{-T} gamma_i (J_i - J_p)^T||``: one sweep per stage on the stiff
+      benchmark, whose worst case is about ``1e-4`` in its first steps). It stops once
+      the predicted error (last correction times ``rate / (1 - rate)``) is within
+      :data:`REFINE_ULPS` ulps of ``|c| + |kbar| + gamma_i |J_i^T kbar|``
+      (per row with ``per_sample``), then takes the stage VJP with the parameters and
+      checks the residual that it gives once more, correcting (linearly: one more VJP of
+      the correction) if it shrank by ``REFINE_RATE`` since the last sweep, else finishing
+      from a fresh Jacobian. A stage whose corrections shrink by less than
+      :data:`REFINE_RATE` per sweep, or that would need more than
+      :data:`REFINE_MAX_SWEEPS`, falls back to ``J_i`` from its graph and a direct solve
+      (and that Jacobian preconditions the remaining stages): never an unconverged solve.
+
+    Gauss/Radau: one coupled solve with every stage's Jacobian from its graph; GMRES
+    applies ``J_i^T v`` through the graphs.
+    """
+
+    def __init__(self, newton: Newton, graphs: StageGraphs, start: _Linear | None = None,
+                 kept: dict[int, Any] | None = None) -> None:  # fmt: skip
+        self.newton, self.graphs = newton, graphs
+        self.mode = newton.mode
+        self.refine = newton.opts.adjoint_solve == "refine" and self.mode != "gmres"
+        self.pre: _Linear | None = start if self.refine else None  # the preconditioner
+        self.kept: dict[int, Any] = dict(kept or {})  # stage -> graph, for its VJP later
+
+    def _linear(self, g: Any) -> _GraphLinear:
+        return _GraphLinear(self.graphs, g, self.mode)
+
+    def _jacobian(self, lin: _GraphLinear) -> _GraphLinear:
+        self.newton.n_jacobians += 1
+        return lin.build()
+
+    def vjp(self, i: int, Xi: torch.Tensor, kb: torch.Tensor, carry: Any) -> tuple:
+        """The stage VJP (explicit stages, and every stage after a coupled solve)."""
+        g = self.kept.pop(i, None)
+        if g is None:
+            g = self.graphs.linearize(i, Xi)
+        xb, tau = self.graphs.pull(g, kb)
+        return xb, tau, carry
+
+    def solve_and_vjp(self, i: int, Xi: torch.Tensor, gamma: Any, rhs: torch.Tensor,
+                      carry: Any) -> tuple:  # fmt: skip
+        """``kbar_i`` from ``(I - gamma J_i)^T kbar_i = rhs``, then its VJP (see the class)."""
+        g = self.graphs.linearize(i, Xi)
+        lin = self._linear(g)
+        if self.refine and self.pre is not None:
+            done = self._refined(lin, gamma, rhs)
+            if done is not None:
+                xb, tau = done
+                return xb, tau, carry
+            self.newton.n_refine_fallbacks += 1
+        if self.mode != "gmres":
+            lin = self._jacobian(lin)
+            self.pre = lin
+        kb = self.newton.solve(lin, gamma, rhs, transpose=True, key=gamma)
+        xb, tau = self.graphs.pull(g, kb)
+        return xb, tau, carry
+
+    def _inverse_T(self, pre: _Linear, gamma: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``r -> P^{-T} r`` with ``P = I - gamma J_pre`` as one (batched) product with the
+        explicit inverse: a preconditioner need not be backward stable (the refinement's
+        residuals are exact products), and a product is several times cheaper than a
+        triangular solve on small blocks."""
+        key = ("inverse_T", gamma)
+        if key not in pre.factors:
+            assert pre.J is not None
+            inv = torch.linalg.inv(_identity_minus(pre.J, gamma)).mT
+            pre.factors[key] = (inv, inv)  # (the cache holds pairs)
+        inv = pre.factors[key][0]
+        if self.mode == "per_sample":
+            return lambda r: (inv @ r.reshape(r.shape[0], -1, 1)).view_as(r)
+        return lambda r: (inv @ r.reshape(-1, 1)).view_as(r)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Norms of the independent blocks: rows with ``per_sample``, else the whole."""
+        B = x.shape[0] if self.mode == "per_sample" else 1
+        return torch.linalg.vector_norm(x.reshape(B, -1), dim=1)
+
+    def _refined(self, lin: _GraphLinear, gamma: Any, c: torch.Tensor) -> tuple | None:
+        """``(Xbar_i, tau_i)`` of the refined solve, or ``None`` (nothing pulled) when it
+        does not contract fast enough."""
+        assert self.pre is not None
+        graphs, g = self.graphs, lin.g
+        dtype = c.dtype
+        tol, tiny = REFINE_ULPS * torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+        precond = self._inverse_T(self.pre, gamma)
+        rows = c.shape[0] if self.mode == "per_sample" else 1
+        nc = torch.linalg.vector_norm(c.reshape(rows, -1), dim=1)
+
+        def step(kb: torch.Tensor, u: Any, prev: torch.Tensor, predict: bool) -> tuple:
+            """The correction ``d``, its row norms, the contraction, whether the error
+            (``d`` itself, or predicted after adding it) is within the rounding bound, and
+            the error and bound. Few tensor operations and one sync: this runs once or
+            twice per stage."""
+            Ju = torch.zeros_like(kb) if u is None else u * gamma
+            d = precond((c - kb).add_(Ju))
+            norms = torch.linalg.vector_norm(torch.stack((d, kb, Ju)).view(3, rows, -1), dim=2)
+            nd = norms[0]
+            bound = (nc + norms[1] + norms[2]) * tol
+            rate = (nd / prev.clamp_min(tiny)).max()
+            err = nd * (rate / (1 - rate)) if predict else nd
+            rate_f, ok = torch.stack((rate, (err <= bound).all().to(dtype))).tolist()
+            return d, nd, rate_f, ok > 0, err, bound
+
+        kb = precond(c)
+        prev = torch.linalg.vector_norm(kb.reshape(rows, -1), dim=1)
+        for sweep in range(REFINE_MAX_SWEEPS + 1):
+            d, nd, rate, ok, err, bound = step(kb, graphs.pull_x(g, kb), prev, True)
+            if not rate <= REFINE_RATE:  # also nan
+                return None
+            kb = kb + d
+            if ok:
+                break
+            # Sweeps still needed at this rate, each gaining a factor ``rate``.
+            worst = float((err / bound.clamp_min(tiny)).max())
+            if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
+                return None
+            prev = nd
+        else:  # pragma: no cover - the sweep count is checked before each sweep
+            return None
+        # The stage VJP with the parameters at the predicted solution; its J_i^T kbar checks
+        # the residual once more. Corrections from here on are pulled too (all linear).
+        xb, tau = graphs.pull(g, kb, retain=True)
+        for _ in range(2):
+            d, nd, rate, ok, _, _ = step(kb, xb, nd, False)
+            if ok:
+                return xb, tau
+            if not rate <= REFINE_RATE:
+                break
+            xd, td = graphs.pull(g, d, retain=True)
+            kb, xb, tau = kb + d, _add(xb, xd), _add(tau, td)
+        # Not converged after all: the exact correction from a fresh Jacobian (linear too).
+        self.newton.n_refine_fallbacks += 1
+        fresh = self._jacobian(lin)
+        self.pre = fresh
+        d = self.newton.solve(fresh, gamma, c - kb + (0 if xb is None else xb * gamma),
+                              transpose=True, key=gamma)  # fmt: skip
+        xd, td = graphs.pull(g, d)
+        return _add(xb, xd), _add(tau, td)
 
     def coupled_solve_T(self, X: Sequence[torch.Tensor], h: Any,
                         rhs: Sequence[torch.Tensor | None]) -> list:  # fmt: skip
-        self.n_linearisations += len(X)
-        lins = [self.newton.linear(self.fn, self.times[i], X[i]) for i in range(len(X))]
+        """Gauss/Radau: the coupled transposed solve; the stage graphs are kept for the
+        stage VJPs that follow (:meth:`vjp`)."""
+        lins = []
+        for i, Xi in enumerate(X):
+            self.kept[i] = g = self.graphs.linearize(i, Xi)
+            lin = self._linear(g)
+            lins.append(lin if self.mode == "gmres" else self._jacobian(lin))
         r = [torch.zeros_like(X[i]) if v is None else v for i, v in enumerate(rhs)]
         return self.newton.coupled(lins, h, r, transpose=True)
 
 
-def implicit_reverse_step(
+def _add(a: Any, b: Any) -> Any:
+    return b if a is None else (a if b is None else a + b)
+
+
+def implicit_recompute(
     newton: Newton,
+    graphs: StageGraphs,
     fn: Field,
     times: Sequence[torch.Tensor],
-    vjp: Any,
+    y: torch.Tensor,
+    h: Any,
+    where: str,
+) -> tuple[list, list, _Linear | None, dict[int, Any]]:
+    """A step recomputed from ``y_n`` for its reverse: ``(X, k, start, kept)``.
+
+    The same Newton iteration as the forward's (bitwise its stages), with ``f(t_n, y_n)``
+    evaluated once with a graph: its Jacobian is the step's simplified-Newton matrix
+    (``jacobian="step"``; returned as ``start``, the transposed solves' preconditioner),
+    and when the first stage is explicit its value is ``k_1`` and its graph, returned in
+    ``kept``, serves stage 1's VJP.
+    """
+    kept: dict[int, Any] = {}
+    start = k1 = None
+    explicit_first = newton.diagonal and newton.tableau.a[0][0] == 0
+    want_start = newton.jacobian == "step" and newton.mode != "gmres" and newton.diagonal
+    if explicit_first or want_start:
+        g0 = graphs.linearize(0, y)
+        if explicit_first:
+            kept[0] = g0
+            k1 = graphs.output(g0)[0].detach()
+        if want_start:
+            newton.n_jacobians += 1
+            start = _GraphLinear(graphs, g0, newton.mode).build()
+    X, k = newton.step(fn, times, y, h, k1, where, start=start)
+    return X, k, start, kept
+
+
+def implicit_reverse_step(
+    newton: Newton,
+    graphs: StageGraphs,
     lam: torch.Tensor | None,
     X: Sequence[torch.Tensor],
     h: Any,
@@ -647,12 +929,16 @@ def implicit_reverse_step(
     k_bar: Any = None,
     y0_bar: torch.Tensor | None = None,
     need_h_bar: bool = False,
+    start: _Linear | None = None,
+    kept: dict[int, Any] | None = None,
 ) -> StepVJP:
-    """The core's :func:`implicit_step_vjp` with this module's transposed solves."""
-    solves = TransposedSolves(newton, fn, times)
+    """The core's :func:`implicit_step_vjp` with this module's transposed solves, each stage
+    evaluated once with a graph (``graphs``). ``start``, ``kept``: from
+    :func:`implicit_recompute` when the reverse pass has just recomputed the step."""
+    solves = TransposedSolves(newton, graphs, start, kept)
     return implicit_step_vjp(
-        newton.tableau, vjp, lam, X, h,
-        solve_T=solves.solve_T, coupled_solve_T=solves.coupled_solve_T,
+        newton.tableau, solves.vjp, lam, X, h,
+        solve_and_vjp=solves.solve_and_vjp, coupled_solve_T=solves.coupled_solve_T,
         k=k, k_bar=k_bar, y0_bar=y0_bar, need_h_bar=need_h_bar, check=False,
     )  # fmt: skip
 

@@ -41,7 +41,7 @@ import torch
 
 from ..core.checkpointing import execute, store_all_schedule
 from ..core.step import add, lincomb, rk_step_vjp, stage_input, sub
-from ._torch_implicit import implicit_reverse_step
+from ._torch_implicit import implicit_recompute, implicit_reverse_step
 from ._torch_inputs import Cut, Inputs, Replay
 from ._torch_record import Checkpoints, K1Source, OutputKind, Recording, StepMode
 
@@ -56,8 +56,10 @@ except (ImportError, AttributeError):  # pragma: no cover - other torch versions
     _run_backward = None
 
 
-def _grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], cot: torch.Tensor) -> tuple:
-    """``torch.autograd.grad(out, inputs, cot, allow_unused=True)``.
+def _grad(
+    out: torch.Tensor, inputs: tuple[torch.Tensor, ...], cot: torch.Tensor, retain: bool = False
+) -> tuple:
+    """``torch.autograd.grad(out, inputs, cot, retain_graph=retain, allow_unused=True)``.
 
     On CPU it calls the engine directly: the public wrapper's argument normalisation
     costs ~30 us per call, as much as the rest of a stage's bookkeeping, and this runs
@@ -65,8 +67,8 @@ def _grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], cot: torch.Tensor
     other torch versions it uses the public function.
     """
     if _run_backward is not None and out.device.type == "cpu" and cot.shape == out.shape:
-        return _run_backward((out,), (cot,), False, False, inputs, True, False)
-    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
+        return _run_backward((out,), (cot,), retain, False, inputs, True, False)
+    return torch.autograd.grad(out, inputs, cot, retain_graph=retain, allow_unused=True)
 
 
 class StageEvaluator:
@@ -144,8 +146,9 @@ class StageEvaluator:
         """
         return self.pull(self.linearize(t, x, rng), cot)
 
-    def pull(self, lin: tuple, cot: torch.Tensor) -> tuple[Any, Any]:
-        """The VJP of a :meth:`linearize` result with cotangent ``cot``."""
+    def pull(self, lin: tuple, cot: torch.Tensor, *, retain: bool = False) -> tuple[Any, Any]:
+        """The VJP of a :meth:`linearize` result with cotangent ``cot`` (``retain``: keep its
+        graph for another)."""
         out, x, t, gate = lin
         self.n_vjp += 1
         if not out.requires_grad:
@@ -156,7 +159,7 @@ class StageEvaluator:
             self.inputs.check_graph(out, (x, t) if self.need_t else (x,))
         if gate is not None:
             return self._pull_graph(out, inputs, cot, gate)
-        grads = _grad(out, inputs, cot)
+        grads = _grad(out, inputs, cot, retain)
         pg = grads[1 : 1 + len(params)]
         if any(g is None for g in pg):  # parameters this evaluation did not touch
             pairs = [(a, g) for a, g in zip(self.acc, pg, strict=True) if g is not None]
@@ -165,6 +168,14 @@ class StageEvaluator:
         elif pg:
             torch._foreach_add_(self.acc, pg)  # one fused call per evaluation
         return grads[0], (grads[-1] if self.need_t else None)
+
+    def pull_x(self, lin: tuple, cot: torch.Tensor) -> torch.Tensor | None:
+        """``J^T cot`` of a :meth:`linearize` result in ``x`` alone, keeping its graph (the
+        products of an implicit stage's transposed solve; not graph mode)."""
+        out, x = lin[0], lin[1]
+        if not out.requires_grad:
+            return None
+        return _grad(out, (x,), cot, True)[0]
 
     def _pull_graph(self, out, inputs, cot, gate) -> tuple[Any, Any]:
         """:meth:`pull` recorded by autograd (graph mode): accumulated out of place."""
@@ -177,6 +188,26 @@ class StageEvaluator:
             if g is not None:
                 self.acc[j] = self.acc[j] + g
         return grads[0], (grads[-1] if self.need_t else None)
+
+
+class _StepGraphs:
+    """One step's stage evaluations for the implicit transposed solves
+    (:class:`~._torch_implicit.StageGraphs`)."""
+
+    def __init__(self, ev: StageEvaluator, times: Any, rng: Any) -> None:
+        self.ev, self.times, self.rng = ev, times, rng
+
+    def linearize(self, i: int, x: torch.Tensor) -> tuple:
+        return self.ev.linearize(self.times[i], x, self.rng(i))
+
+    def output(self, g: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        return g[0], g[1]
+
+    def pull(self, g: tuple, cot: torch.Tensor, *, retain: bool = False) -> tuple[Any, Any]:
+        return self.ev.pull(g, cot, retain=retain)
+
+    def pull_x(self, g: tuple, cot: torch.Tensor) -> torch.Tensor | None:
+        return self.ev.pull_x(g, cot)
 
 
 class ReverseSweep:
@@ -298,8 +329,13 @@ class ReverseSweep:
         iteration (same times, same step-size tensor: bitwise the forward's stages)."""
         step = self.steps[m]
         h = step.dt.to(y.dtype)
-        where = f"in the reverse pass, recomputing step {m} from t={float(step.t0):.17g}"
-        return self.rec.newton.step(self.ev.eval, self.times[m], y, h, None, where)
+        return self.rec.newton.step(self.ev.eval, self.times[m], y, h, None, self._where(m))
+
+    def _where(self, m: int) -> str:
+        return f"in the reverse pass, recomputing step {m} from t={float(self.steps[m].t0):.17g}"
+
+    def _graphs(self, m: int) -> _StepGraphs:
+        return _StepGraphs(self.ev, self.times[m], lambda i: self._rng(m, i))
 
     def _advance(self, m: int, state: tuple) -> tuple:
         """Replay step ``m`` from ``y_m`` with its recorded size (budgets)."""
@@ -328,10 +364,15 @@ class ReverseSweep:
         step = self.steps[m]
         h, times = step.h, self.times[m]
         need_t = rec.need_t
+        graphs = self._graphs(m) if rec.spec.implicit else None
+        start = kept = None  # an implicit step's Jacobian at y_n and graphs, when recomputed
         if rec.stages or ev.graph:
             X, k = list(state[0]), (list(state[1]) if state[1] else [None] * s)
-        elif rec.spec.implicit:
-            X, k = self._implicit_stages(m, state[0])
+        elif graphs is not None:
+            y = state[0]
+            X, k, start, kept = implicit_recompute(
+                rec.newton, graphs, ev.eval, times, y, step.dt.to(y.dtype), self._where(m)
+            )
         else:
             X, k = self._slopes(m, state[0], state[1], replay=False)
 
@@ -375,10 +416,10 @@ class ReverseSweep:
             xb, tau = ev.vjp(times[i], Xi, kb, self._rng(m, i))
             return xb, tau, carry
 
-        if rec.spec.implicit:  # transposed stage solves; every k_1 is f(y_n) itself
+        if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
             res = implicit_reverse_step(
-                rec.newton, ev.eval, times, vjp, lam, X, h,
-                k=k, k_bar=kbar[:s], y0_bar=y0bar, need_h_bar=need_t,
+                rec.newton, graphs, lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
+                need_h_bar=need_t, start=start, kept=kept,
             )  # fmt: skip
         else:
             res = rk_step_vjp(

@@ -92,7 +92,13 @@ def odeint(
             and factorised once per step, the default, once per stage, or at every
             iterate, GMRES's default); a step whose Newton iteration does not converge raises
             ``NewtonConvergenceError`` naming the step and the time (adaptive methods
-            first retry smaller steps).
+            first retry smaller steps). ``adjoint_solve="refine"|"fresh"``: the backward's
+            transposed stage solves ``(I - h a_ii J(X_i))^T kbar = c`` by iterative
+            refinement from one factorisation per step, each correction one exact VJP
+            at the converged stage, until it is at rounding level (falling back to a
+            fresh Jacobian for a stage where it converges slowly; the default), or with
+            a fresh Jacobian and factorisation per implicit stage; the same exact
+            gradient either way, to rounding.
         event_fn: ``event_fn(t, y)``; integrate until it crosses zero and return
             ``(event_t, solution)`` with ``solution = [y0, y(event_t)]``. ``event_t``
             carries no gradient here; use :func:`odeint_event` for that.
