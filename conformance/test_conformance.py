@@ -335,21 +335,8 @@ def time_result(backend: str, case: str, solver: str, device: str, mode: str, gr
     return _solve_times(backend, case, solver, device, mode, grid)
 
 
-#: SymplecticAdjoint refuses t0/t1/dt0 gradients with implicit diffrax solvers (it raises
-#: NotImplementedError and points to RecursiveCheckpointAdjoint): strict, so that the
-#: check fails -- and is then turned on -- once the adapter differentiates them.
-_JAX_IMPLICIT_TIMES = pytest.mark.xfail(
-    raises=NotImplementedError,
-    strict=True,
-    reason="SymplecticAdjoint does not yet differentiate t0/t1 for implicit solvers",
-)
-
-
 def _time_marks(backends: tuple[str, ...], mode: str, solver: str, slow: bool) -> list:
-    marks = [pytest.mark.slow] if slow else []
-    if "jax" in backends and mode != "host" and SOLVERS_BY_NAME[solver].implicit:
-        marks.append(_JAX_IMPLICIT_TIMES)
-    return marks
+    return [pytest.mark.slow] if slow else []
 
 
 def _time_host_params() -> Iterator:

@@ -153,21 +153,32 @@ def test_schedule_order_states_and_replays(budget):
     def replay(n, y):
         return y + 1.0
 
-    def step_adjoint(n, y, k, seen, unused):
-        return k + 1, seen.at[k].set(jnp.stack([n.astype(y.dtype), y])), unused
+    def step_adjoint(n, y, k, seen, unused, active):
+        # The protocol: the old carry where `active` is false (a row of a vmapped sweep
+        # that reverses nothing this round).
+        new = (k + 1, seen.at[k].set(jnp.stack([n.astype(y.dtype), y])), unused)
+        return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, (k, seen, unused))
 
-    @jax.jit
     def sweep(num_steps):
         carry = (jnp.asarray(0), jnp.full((40, 2), -1.0), jnp.asarray(0.0))
         return _budget_sweep(budget, jnp.asarray(0.0), num_steps, replay, step_adjoint, carry)
 
-    for n in (0, 1, 2, 7, 23, 40):
-        (count, seen, _), replayed = sweep(jnp.asarray(n))
+    def check(n, count, seen, replayed):
         assert int(count) == n
         expected = jnp.arange(n - 1, -1, -1, dtype=seen.dtype)
         assert (seen[:n, 0] == expected).all() and (seen[:n, 1] == expected).all()
         if n:
             assert int(replayed) == min_replays(n, budget - 1), (n, int(replayed))
+
+    lengths = (0, 1, 2, 7, 23, 40)
+    for n in lengths:
+        (count, seen, _), replayed = jax.jit(sweep)(jnp.asarray(n))
+        check(n, count, seen, replayed)
+    # Under vmap every row has its own length (an adaptive solve's N) and schedule; the
+    # loop runs until the longest is done, and the others must not move meanwhile.
+    (count, seen, _), replayed = jax.jit(jax.vmap(sweep))(jnp.asarray(lengths))
+    for row, n in enumerate(lengths):
+        check(n, count[row], seen[row], replayed[row])
 
 
 def test_budget_bounds_memory():

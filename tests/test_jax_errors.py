@@ -61,16 +61,6 @@ def test_refused_solvers(solver, match):
         solve(solver=solver, terms=terms, stepsize_controller=controller)
 
 
-def test_checkpoint_budget_refused_for_implicit_solvers():
-    controller = diffrax.PIDController(rtol=1e-3, atol=1e-3)
-    with pytest.raises(NotImplementedError, match="budget.*implicit"):
-        solve(
-            solver=diffrax.Kvaerno3(),
-            stepsize_controller=controller,
-            adjoint=SymplecticAdjoint(checkpoint=3),
-        )
-
-
 def test_refused_sde():
     bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-2, shape=(2,), key=jax.random.PRNGKey(0))
     terms = diffrax.MultiTerm(TERM, diffrax.ControlTerm(lambda t, y, args: 0.1 * y, bm))

@@ -53,9 +53,11 @@ from diffrax._term import WrapTerm  # noqa: E402  (diffeqsolve's direction wrapp
 from equinox.internal import ω  # noqa: E402
 
 while_loop = eqxi.while_loop
+buffer_at_set = eqxi.buffer_at_set
 
 __all__ = [
     "WrapTerm",
+    "buffer_at_set",
     "SaveState",
     "SUPPORTED_DIFFRAX",
     "check_diffrax_version",

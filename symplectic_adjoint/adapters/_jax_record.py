@@ -34,7 +34,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PyTree, Shaped
 
 from ..core.tableau import ButcherTableau
-from ._diffrax_compat import SaveState, while_loop
+from ._diffrax_compat import SaveState, buffer_at_set, while_loop
 
 __all__ = ["Record", "StageKeepingSolver", "core_tableau", "recording_loops", "save_states"]
 
@@ -231,19 +231,21 @@ def recording_loops(
             accepted = jnp.asarray(new.num_accepted_steps) > n
 
             # Writes at `n` are overwritten until the step is accepted, so rejected
-            # attempts leave no trace; the conditional keeps earlier slots intact when
-            # `n` is out of range after the last step (clamped writes).
+            # attempts leave no trace; the predicate keeps earlier slots intact when
+            # `n` is out of range after the last step (clamped writes). The record's
+            # arrays are the loop's buffers: under vmap each write then selects one slot
+            # per row, not a copy of the whole buffer (equinox's in-place buffers).
             def put(buf, i, x):
-                return buf.at[i].set(jnp.where(accepted, x, buf[i]))
+                return buffer_at_set(buf, i, x, pred=accepted)
 
             sb, tb = _save_index(state.save_state)
             sa, ta = _save_index(new.save_state)
             ks = rec.ks
             if ks is not None:
-                ks = jtu.tree_map(lambda b, k: put(b, n, k), ks, new.solver_state[1])
+                ks = jtu.tree_map(lambda k, b: put(b, n, k), new.solver_state[1], ks)
             ys = rec.ys
             if keep_states:
-                ys = jtu.tree_map(lambda b, y: put(b, n + 1, y), ys, new.y)
+                ys = jtu.tree_map(lambda y, b: put(b, n + 1, y), new.y, ys)
             rec = Record(
                 ys=ys,
                 tprev=put(rec.tprev, n, state.tprev),
@@ -261,7 +263,7 @@ def recording_loops(
             body,
             (init_val, record),
             max_steps=max_steps,
-            buffers=lambda carry: buffers(carry[0]),
+            buffers=lambda carry: (buffers(carry[0]), carry[1]),
             kind="lax",
         )
         box.append(rec)

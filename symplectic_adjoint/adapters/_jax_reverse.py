@@ -25,8 +25,17 @@ The state ``y_n`` a step starts from is read from the record (``"states"``,
 ``"stages"``) or, under a budget of ``c`` states (``checkpoint=<int>``), rebuilt by
 replaying the recorded steps (:func:`_budget_sweep`). Each replay is the forward step
 ``y_{n+1} = y_n + sum_i b_i K_i`` with the recorded ``t_n, t_{n+1}`` (never the
-controller), i.e. the same recomputation the reverse step does, so the gradient equals
-the ``"states"`` one to rounding.
+controller; for implicit solvers the solver's own step, root find included), i.e. the
+same recomputation the reverse step does, so the gradient equals the ``"states"`` one to
+rounding.
+
+**Under vmap** every row has its own step count (and budget schedule). The loops run
+while *any* row has work left and the per-stage conditionals are taken when any row
+needs them (:mod:`._jax_branch`): a batched predicate would make JAX select the whole
+carry -- the per-row parameter cotangents -- each iteration and turn the conditionals
+into selects over per-row copies of the parameters. A row without work is *inactive*:
+its parameter contributions are masked where they are added, its other carried values
+kept (``step_adjoint``'s ``active``).
 
 **Budget schedule.** The number of steps ``N`` is a traced value (an adaptive solve's
 is known only when its forward pass ends), so the schedule is computed inside the
@@ -66,6 +75,7 @@ from ..core.checkpointing import binomial_split
 from ..core.step import lincomb, rk_step, rk_step_vjp, stage_input
 from ..core.tableau import ButcherTableau
 from ._diffrax_compat import ω
+from ._jax_branch import add_contribution, any_true, branch
 from ._jax_record import Record
 
 __all__ = ["Checkpoints", "Output", "reverse_sweep"]
@@ -197,13 +207,6 @@ def reverse_sweep(
         value is saved at ``t0`` itself (``fn(t0, y0, args)``, ``dense_ts[0]``);
         ``fn_bars`` the cotangents of the save functions' own arrays (one per output).
     """
-    if implicit is not None and dtimes is not None:
-        raise NotImplementedError(
-            "`SymplecticAdjoint` does not yet differentiate `t0`, `t1`, `dt0`, `StepTo(ts=...)` "
-            "or the step-size controller's arrays for implicit/IMEX solvers; keep those "
-            "constant (e.g. `jax.lax.stop_gradient`), or use "
-            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
-        )
     s = tableau.stages
     c = tableau.c
     diff_args, static_args = eqx.partition(args, eqx.is_inexact_array)
@@ -233,14 +236,14 @@ def reverse_sweep(
         tb, yb, ab, fb = pull(out_bar)
         return tb, yb, (ab, fb)
 
-    def add_args(acc, q, contrib):
-        # acc = ((args_bar, terms_bar), [fn_bar per output]).
+    def add_args(acc, q, contrib, active=True):
+        # acc = ((args_bar, terms_bar), [fn_bar per output]); nothing where not `active`.
         if contrib is None:
             return acc
         (args_bar, terms_bar), fn_bars = acc
         fn_bars = list(fn_bars)
-        fn_bars[q] = _tree_add(fn_bars[q], contrib[1])
-        return (_tree_add(args_bar, contrib[0]), terms_bar), fn_bars
+        fn_bars[q] = add_contribution(fn_bars[q], contrib[1], active)
+        return (add_contribution(args_bar, contrib[0], active), terms_bar), fn_bars
 
     def after_tangent(n):
         # d(time after step n)/d(directions): the next step's start, or the last end.
@@ -303,14 +306,16 @@ def reverse_sweep(
     def replay(n, y_n):
         # y_{n+1} from y_n over the recorded step n (budgets only): the recomputation
         # that `step_adjoint` does, plus the update with the weights b.
-        _, _, control, times = step_data(n)
+        tprev, tnext, control, times = step_data(n)
+        if implicit is not None:  # the solver's own step, root find included
+            return implicit.step(terms, args, tprev, tnext, y_n)[0]
 
         def f(i, X):
             return ω(terms.vf_prod(times[i], X.ω, args, control))
 
         return rk_step(tableau, f, ω(y_n), 1, check=False).y1.ω
 
-    def step_outputs(n, y_n, ks, lam, acc, ts_bars):
+    def step_outputs(n, y_n, ks, lam, acc, ts_bars, active):
         """The cotangents of everything step ``n`` wrote: added to ``lam``, to ``y_n``
         (``y0_extra``), to the increments (``k_extra``), to ``args`` (``acc``), to the
         output times, to the step's ends (``t_pair``) and to the time after the step."""
@@ -327,7 +332,10 @@ def reverse_sweep(
         else:
             # Not stored: rebuild it from the stages (only the output cotangents read its
             # value; rounding-level differences to diffrax's y_{n+1}).
-            y_n1 = lincomb(ω(y_n), 1, tableau.b, [ω(k) for k in ks]).ω
+            if implicit is not None:
+                y_n1 = implicit.advance(y_n, ks)
+            else:
+                y_n1 = lincomb(ω(y_n), 1, tableau.b, [ω(k) for k in ks]).ω
         ts_bars = list(ts_bars)
         for q, out in enumerate(outputs):
             save_before, save_after = rec.save_before[n, q], rec.save_after[n, q]
@@ -338,7 +346,7 @@ def reverse_sweep(
                 # Saved at the time after the step, from y_{n+1}.
                 tb, yb, ab = fn_vjp(q, rec.tnext[n], y_n1, out_bar)
                 y1b = _tree_add(y1b, yb)
-                acc = add_args(acc, q, ab)
+                acc = add_args(acc, q, ab, active)
                 # The slot's save time is the time after the step.
                 t_after = t_after + tb + _tsbar_at(out, save_after - 1, saved)
             if out.ts is not None:
@@ -366,7 +374,8 @@ def reverse_sweep(
                         kb = _tree_add(kb, dk)
                     tpair = tpair + jnp.stack([dtp, dtn])
                     y0b, y1b = _tree_add(y0b, d0), _tree_add(y1b, d1)
-                    return j + 1, y0b, y1b, kb, tsb.at[j].add(tb), tpair, add_args(acc, q, da)
+                    acc = add_args(acc, q, da, active)
+                    return j + 1, y0b, y1b, kb, tsb.at[j].add(tb), tpair, acc
 
                 _, y0b, y1b, kb, ts_bars[q], t_pair, acc = lax.while_loop(
                     out_cond, out_body, (ts_before, y0b, y1b, kb, ts_bars[q], t_pair, acc)
@@ -466,13 +475,18 @@ def reverse_sweep(
             jnp.stack([dtp + etp, dtn + etn]),
         )
 
-    def step_adjoint(n, y_n, lam, acc, ts_bars):
+    def step_adjoint(n, y_n, lam, acc, ts_bars, active):
+        """The adjoint of step ``n`` from ``y_n``: the new ``(lam, acc, ts_bars)``, and the
+        old ones where ``active`` is false (a row of a vmapped sweep that is done, or not
+        reversing a step this round). Parameter cotangents are masked where they are
+        added, so the large accumulators are updated in place, never selected whole."""
+        old = (lam, acc, ts_bars)
         acc, dir_bar = acc  # acc = ((args_bar, terms_bar), fn_bars)
         acc, fn_bars = acc
-        tprev, tnext, control, times = step_data(n)
+        tprev, tnext, _, _ = step_data(n)
         ks, X = stages(n, y_n)
         (acc, fn_bars), y0_extra, k_extra, ts_bars, t_pair, t_after, lam = step_outputs(
-            n, y_n, ks, lam, (acc, fn_bars), ts_bars
+            n, y_n, ks, lam, (acc, fn_bars), ts_bars, active
         )
 
         def stage_vjp(i, Xi, kbar, carry):
@@ -485,16 +499,11 @@ def reverse_sweep(
                 return _terms.vf_prod(stage_time(i, _tp, _tn), _X, _args, _terms.contr(_tp, _tn))
 
             def linearise_and_pull(operands):
-                _X, _kbar, _dargs, _dterms, _acc = operands
-                _, pull = jax.vjp(f, _X, _dargs, _dterms, tprev, tnext)
+                _X, _kbar, (acc, pair) = operands
+                _, pull = jax.vjp(f, _X, diff_args, diff_terms, tprev, tnext)
                 _Xbar, args_bar, terms_bar, tp_bar, tn_bar = pull(_kbar)
-                acc, pair = _acc
                 pair = pair + jnp.stack([tp_bar, tn_bar])
-                return _Xbar, (_tree_add(acc, (args_bar, terms_bar)), pair)
-
-            def skip(operands):  # never taken; the same structure as the VJP's result
-                _X, _, _, _, _acc = operands
-                return jtu.tree_map(jnp.zeros_like, _X), _acc
+                return _Xbar, _kbar, (add_contribution(acc, (args_bar, terms_bar), active), pair)
 
             # One network graph at a time. Left in the open, XLA linearises every stage
             # of the step before the first pull-back (the X_i are all known) and fuses
@@ -502,46 +511,57 @@ def reverse_sweep(
             # cotangents are alive together; an optimisation barrier does not survive
             # the CPU pipeline. A conditional's branch is a separate computation whose
             # buffers live only while it runs, so each stage is linearised, pulled back
-            # and accumulated inside one. The predicate (``n`` counts down from N-1) is
-            # always true but opaque to the compiler, so the branch is not inlined.
-            Xbar, carry = lax.cond(
-                n >= 0, linearise_and_pull, skip, (Xi.ω, kbar.ω, diff_args, diff_terms, carry)
-            )
+            # and accumulated inside one. The predicate (``active``) is true whenever a
+            # step is reversed but opaque to the compiler, so the branch is not inlined;
+            # it stays a separate computation under vmap (`branch`).
+            Xbar, _, carry = branch(active, linearise_and_pull, (Xi.ω, kbar.ω, carry))
             return ω(Xbar), None, carry
 
         if implicit is not None:
-            # Implicit/IMEX steps: the core's implicit adjoint with transposed solves. Time
-            # inputs of the grid are refused for them (refused in `reverse_sweep`), so
-            # there is no (tprev, tnext) cotangent to chain.
-            y0_bar, acc = implicit.step_vjp(
-                terms, args, n, times, control, X, lam, k_extra, y0_extra, acc
+            # Implicit/IMEX steps: the core's implicit adjoint with transposed solves; the
+            # stage functions' VJPs give the step's end-time cotangents too.
+            y0_bar, (acc, t_pair) = implicit.step_vjp(
+                terms, args, active, tprev, tnext, stage_time, X, lam, k_extra, y0_extra,
+                (acc, t_pair),
+            )  # fmt: skip
+            y0_bar = ω(y0_bar)
+        else:
+            result = rk_step_vjp(
+                tableau,
+                stage_vjp,
+                ω(lam),
+                [ω(x) for x in X],
+                1,
+                k_bar=k_extra,
+                y0_bar=None if y0_extra is None else ω(y0_extra),
+                carry=(acc, t_pair),
             )
-            return y0_bar, ((acc, fn_bars), dir_bar), ts_bars
-        result = rk_step_vjp(
-            tableau,
-            stage_vjp,
-            ω(lam),
-            [ω(x) for x in X],
-            1,
-            k_bar=k_extra,
-            y0_bar=None if y0_extra is None else ω(y0_extra),
-            carry=(acc, t_pair),
-        )
-        acc, t_pair = result.carry
+            (acc, t_pair), y0_bar = result.carry, result.y0_bar
         if dir_bar is not None:
             # Chain (tprev_n, tnext_n) and the time after the step onto the perturbed
             # time inputs.
             dir_bar = dir_bar + dtimes[:, :, n] @ t_pair + t_after * after_tangent(n)
-        return result.y0_bar.ω, ((acc, fn_bars), dir_bar), ts_bars
+        (old_lam, ((_, old_fn_bars), old_dir_bar), old_ts_bars) = old
+        lam, fn_bars, dir_bar, ts_bars = _tree_where(
+            active,
+            (y0_bar.ω, fn_bars, dir_bar, ts_bars),
+            (old_lam, old_fn_bars, old_dir_bar, old_ts_bars),
+        )
+        return lam, ((acc, fn_bars), dir_bar), ts_bars
 
     acc0 = (acc0, dir0)
 
+    # Under vmap each row has its own step count; the loop runs while any row has steps
+    # left (an unbatched predicate, so JAX does not select the whole carry -- the
+    # parameter cotangents -- between iterations) and a row with none is inactive: it
+    # revisits step 0 and its results are masked (`step_adjoint`).
     def cond(carry):
-        return carry[0] >= 0
+        return any_true(carry[0] >= 0)
 
     def body(carry):
         n, lam, acc, ts_bars = carry
-        lam, acc, ts_bars = step_adjoint(n, checkpoints.state(n), lam, acc, ts_bars)
+        m = jnp.maximum(n, 0)
+        lam, acc, ts_bars = step_adjoint(m, checkpoints.state(m), lam, acc, ts_bars, n >= 0)
         return n - 1, lam, acc, ts_bars
 
     if checkpoints.budget is None:
@@ -597,9 +617,10 @@ def _budget_sweep(
 ) -> tuple[tuple[Any, Any, Any], Any]:
     """Reverse steps ``num_steps-1, ..., 0`` holding at most ``budget`` states.
 
-    ``replay(n, y_n) -> y_{n+1}``; ``step_adjoint(n, y_n, lam, acc, ts_bar)`` is the
-    adjoint of step ``n``; ``carry = (lam, acc, ts_bar)``. The schedule is the task stack
-    of the module docstring, run inside one ``lax.while_loop`` (``num_steps`` is traced).
+    ``replay(n, y_n) -> y_{n+1}``; ``step_adjoint(n, y_n, lam, acc, ts_bar, active)`` is
+    the adjoint of step ``n`` where ``active`` (its old carry elsewhere); ``carry = (lam,
+    acc, ts_bar)``. The schedule is the task stack of the module docstring, run inside
+    one ``lax.while_loop`` (``num_steps`` is traced; under vmap each row has its own).
     Returns the final ``(lam, acc, ts_bar)`` and the number of replayed steps.
     """
     c = budget
@@ -620,17 +641,20 @@ def _budget_sweep(
     )
     top = jnp.where(num_steps > 0, 1, 0).astype(i32)
 
+    # As in the "states" sweep: under vmap the loop runs while any row has tasks left
+    # (an unbatched predicate), and a row with none changes nothing.
     def cond(state):
-        return state[0] > 0
+        return any_true(state[0] > 0)
 
     def body(state):
         top, stack, slots, pos, replayed, carry = state
-        top = top - 1
+        live = top > 0
+        top = jnp.maximum(top - 1, 0)
         a, b, f = stack[top, 0], stack[top, 1], stack[top, 2]
         length = b - a
-        leaf = length == 1
-        tail = (length > 1) & (f == 0)
-        split = (length > 1) & (f > 0)
+        leaf = live & (length == 1)
+        tail = live & (length > 1) & (f == 0)
+        split = live & (length > 1) & (f > 0)
         m = a + binomial_split(
             jnp.maximum(length, 2),
             jnp.maximum(f, 1),
@@ -638,19 +662,15 @@ def _budget_sweep(
             minimum=jnp.minimum,
         )
         # The state to rebuild: y_a itself (leaf), y_{b-1} (tail) or y_m (split).
-        target = jnp.where(leaf, a, jnp.where(tail, b - 1, m))
+        target = jnp.where(leaf | ~live, a, jnp.where(tail, b - 1, m))
         slot_a = jnp.argmax(pos == a)
         y_a = _at(slots, slot_a)
         y_t = lax.fori_loop(a, target, replay, y_a)
         replayed = replayed + (target - a)
 
         # Leaf and tail reverse step `target`; a split reverses nothing this round.
-        carry = lax.cond(
-            leaf | tail,
-            lambda cr: step_adjoint(target, y_t, *cr),
-            lambda cr: cr,
-            carry,
-        )
+        reverse = leaf | tail
+        carry = branch(reverse, lambda cr: step_adjoint(target, y_t, *cr, reverse), carry)
 
         free = jnp.argmax(pos < 0)
         slots = jtu.tree_map(
@@ -664,7 +684,7 @@ def _budget_sweep(
         second = jnp.stack([m, b, f - 1])
         stack = stack.at[top].set(jnp.where(tail | split, first, stack[top]))
         stack = stack.at[top + 1].set(jnp.where(split, second, stack[top + 1]))
-        top = top + jnp.where(tail, 1, 0) + jnp.where(split, 2, 0)
+        top = jnp.where(live, top + jnp.where(tail, 1, 0) + jnp.where(split, 2, 0), 0)
         return top, stack, slots, pos, replayed, carry
 
     state = (top, stack, slots, pos, jnp.asarray(0, i32), carry)

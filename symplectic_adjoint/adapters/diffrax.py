@@ -38,7 +38,7 @@ from ._diffrax_compat import (
     outer_loop,
     save_y,
 )
-from ._jax_implicit import ImplicitKernel, implicit_core_tableau
+from ._jax_implicit import ImplicitKernel, implicit_core_tableau, resolve_linear_solver
 from ._jax_record import StageKeepingSolver, core_tableau, recording_loops, save_states
 from ._jax_reverse import Checkpoints, Output, reverse_sweep
 
@@ -127,12 +127,17 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     the query time `t`.
 
     **Implicit** (`ImplicitEuler`, `Kvaerno3/4/5`) and IMEX (`KenCarp3/4/5` on
-    `MultiTerm(explicit, implicit)`) solvers with `checkpoint="states"`/`"stages"`: the
-    exact adjoint of the stage equations as solved (implicit function theorem), one
-    transposed solve ``(I - gamma J_i)^T kbar_i = rhs`` per implicit stage by
-    `linear_solver` (a lineax solver; dense LU by default, `lineax.GMRES` matrix-free).
-    Their grid times (`t0`, `t1`, `dt0`, `StepTo(ts=...)`) and checkpoint budgets are not
-    differentiated/supported yet and raise at trace time.
+    `MultiTerm(explicit, implicit)` of `ODETerm`s) solvers, in every checkpoint mode
+    (budgets replay the solver's own step, root find included): the exact adjoint of the
+    stage equations as solved (implicit function theorem), one transposed solve
+    ``(I - gamma J_i)^T kbar_i = rhs`` per implicit stage. Each stage is a function of its
+    value, the parameters and the step's ends, so the grid times (`t0`, `t1`, `dt0`,
+    `StepTo(ts=...)`, the controller's arrays) are differentiated as for explicit solvers.
+    `linear_solver`: `None` (default) materialises ``J_i`` by forward mode and solves
+    densely; a lineax solver is used matrix-free on ``v -> v - gamma J_i^T v`` (one VJP
+    per product); `"gmres"`, `lineax.GMRES` (the class) or a `lineax.GMRES` with a `None`
+    tolerance take the missing `rtol`/`atol` from the solver's root finder (the stages are
+    converged to those).
 
     **Refused** at trace time, naming the alternative (`RecursiveCheckpointAdjoint`):
     other implicit/IMEX solvers, SDE solvers, `HalfSolver` and other wrapped solvers,
@@ -172,15 +177,24 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     **Memory of the backward pass**: one network graph at a time. Each stage's VJP (its
     linearisation, pull-back and parameter-cotangent accumulation) runs inside its own
     XLA conditional; otherwise XLA would linearise all ``s`` stages of a step before the
-    first pull-back and keep ``s`` graphs alive.
+    first pull-back and keep ``s`` graphs alive. Under `jax.vmap` (each row its own
+    solve) the conditionals' and the reverse loop's predicates are reduced over the batch,
+    so that JAX keeps them conditionals with unbatched parameters; the parameter
+    cotangents are per row (as for any custom VJP under vmap) and are updated in place.
     """
 
     checkpoint: Literal["states", "stages"] | int = eqx.field(default="states", static=True)
-    # The lineax solver of the transposed stage systems of implicit solvers (None: dense LU).
+    # The transposed stage systems of implicit solvers: None (dense LU), "gmres" or a lineax
+    # solver (see the class docstring).
     linear_solver: Any = eqx.field(default=None, static=True)
 
     def __check_init__(self):
         validate_checkpoint(self.checkpoint, where="SymplecticAdjoint(checkpoint=...)")
+        if isinstance(self.linear_solver, str) and self.linear_solver != "gmres":
+            raise ValueError(
+                "`SymplecticAdjoint(linear_solver=...)` takes None (dense), 'gmres', "
+                f"`lineax.GMRES` or a lineax solver, not {self.linear_solver!r}."
+            )
 
     def loop(
         self,
@@ -339,12 +353,7 @@ def _implicit_kernel(self, tableau, solver, terms=None):
             "`SymplecticAdjoint` supports implicit/IMEX solvers on `ODETerm`s (or a "
             f"`MultiTerm` of them) only, not on control terms: {_ALTERNATIVE}."
         )
-    if not isinstance(self.checkpoint, str):
-        raise NotImplementedError(
-            "`SymplecticAdjoint`: a checkpoint budget is not supported for implicit solvers "
-            "yet; use checkpoint='states' or 'stages'."
-        )
-    return ImplicitKernel(tableau, solver, self.linear_solver)
+    return ImplicitKernel(tableau, solver, resolve_linear_solver(self.linear_solver, solver))
 
 
 def _vector_fields(terms: Any) -> list:

@@ -234,8 +234,12 @@ def measure_stiff(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Issue 13: XLA temp memory and median gradient time of Kvaerno5 on a stiff MLP field,
-    float32 (Newton tolerance 1e-6), ratios to :data:`STIFF_REFERENCE`; the float64 error
-    (Newton tolerance 1e-10) against the reference at the smallest N only."""
+    float32 weights (Newton tolerance 1e-6), ratios to :data:`STIFF_REFERENCE`; the float64
+    error (Newton tolerance 1e-10) against the reference at the smallest N only.
+
+    The float32 rows integrate a float64 *state*, for every method alike: x64 is on (for
+    the error column), the times are Python floats, so diffrax promotes ``y0`` to their
+    float64 dtype. (In float32 throughout, Newton at 1e-6 does not converge here.)"""
     from .protocol import STIFF_BATCH, STIFF_DECAY, STIFF_DIM, STIFF_STEPS, STIFF_WIDTH
     from .report import add_ratios
 
