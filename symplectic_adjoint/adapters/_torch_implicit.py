@@ -115,6 +115,9 @@ CHORD_RATE = 0.5
 JACOBIAN_MODES = ("step", "stage", "iterate")
 ADJOINT_SOLVES = ("refine", "fresh")
 
+#: The default Newton ``rtol`` is at least this many machine epsilons of the state's dtype.
+EPS_FLOOR = 10
+
 _NEWTON_KEYS = (
     "newton_rtol", "newton_atol", "max_newton_iters", "max_iters", "linear_solver",
     "per_sample", "jacobian", "adjoint_solve", "gmres_rtol", "gmres_restart", "gmres_maxiter",
@@ -205,8 +208,13 @@ class NewtonOptions:
     gmres_maxiter: int = 400
 
     @classmethod
-    def pop(cls, kwargs: dict, rtol: Any, atol: Any) -> NewtonOptions:
-        """Take the Newton options out of a solver's keyword arguments."""
+    def pop(cls, kwargs: dict, rtol: Any, atol: Any, dtype: torch.dtype) -> NewtonOptions:
+        """Take the Newton options out of a solver's keyword arguments.
+
+        The default ``newton_rtol`` (``rtol/100``) is floored at :data:`EPS_FLOOR` machine
+        epsilons of the state's ``dtype``: below that the update cannot shrink in float32
+        (torchdiffeq's default ``rtol=1e-7`` would ask 1e-9, and every step would fail).
+        """
         got = {k: kwargs.pop(k) for k in _NEWTON_KEYS if k in kwargs}
 
         def scalar(x: Any, name: str) -> float:
@@ -218,9 +226,16 @@ class NewtonOptions:
 
         if "max_iters" in got and "max_newton_iters" in got:
             raise ValueError("give max_newton_iters or its alias max_iters, not both")
+        floor = EPS_FLOOR * torch.finfo(dtype).eps
         opts = cls(
-            rtol=scalar(got.get("newton_rtol", scalar(rtol, "rtol") / 100), "newton_rtol"),
-            atol=scalar(got.get("newton_atol", scalar(atol, "atol") / 100), "newton_atol"),
+            # the solve's tolerances are read only when no Newton tolerance is given (they
+            # may be per component for the error control)
+            rtol=scalar(got["newton_rtol"], "newton_rtol")
+            if "newton_rtol" in got
+            else max(scalar(rtol, "rtol") / 100, floor),
+            atol=scalar(got["newton_atol"], "newton_atol")
+            if "newton_atol" in got
+            else scalar(atol, "atol") / 100,
             max_iters=int(got.get("max_newton_iters", got.get("max_iters", 20))),
             linear_solver=got.get("linear_solver", "auto"),
             per_sample=bool(got.get("per_sample", False)),
@@ -246,6 +261,11 @@ class NewtonOptions:
             )
         if opts.max_iters < 1:
             raise ValueError("max_newton_iters must be >= 1")
+        if not (opts.rtol >= 0 and opts.atol >= 0 and opts.rtol + opts.atol > 0):
+            raise ValueError(
+                f"newton_rtol={opts.rtol:g}, newton_atol={opts.atol:g}: both must be >= 0 and "
+                "one of them > 0"
+            )
         return opts
 
 
@@ -304,6 +324,35 @@ def gmres(
         f"GMRES did not reach the relative residual {rtol:g} in {maxiter} iterations "
         "(raise gmres_maxiter, loosen gmres_rtol, or use linear_solver='dense')"
     )
+
+
+class _KrylovSolve(torch.autograd.Function):
+    """``x = A^{-1} b`` by GMRES, differentiated as the linear map it solves:
+    ``bbar = A^{-T} xbar``, by GMRES on the transposed operator.
+
+    ``adjoint="backprop"`` records Newton's iterations; recording GMRES itself would
+    differentiate the Arnoldi process (Gram--Schmidt, normalisation by residual norms that
+    vanish as it converges), whose derivative is not ``A^{-1}`` and blows up (1e28 on a
+    stiff 8-dimensional problem). ``A`` is held fixed, as the dense path holds its LU
+    factors: its derivative is multiplied by the residual, which vanishes at convergence.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, b: torch.Tensor, op: Callable, op_T: Callable,
+                solve: Callable) -> torch.Tensor:  # fmt: skip
+        ctx.op_T, ctx.solve = op_T, solve
+        return solve(op, b)
+
+    @staticmethod
+    def backward(ctx: Any, xbar: torch.Tensor) -> tuple:
+        return ctx.solve(ctx.op_T, xbar), None, None, None
+
+
+def _krylov(solve: Callable, op: Callable, op_T: Callable, b: torch.Tensor) -> torch.Tensor:
+    """``solve(op, b)``; recorded as the linear map (:class:`_KrylovSolve`) under autograd."""
+    if torch.is_grad_enabled() and b.requires_grad:
+        return _KrylovSolve.apply(b, op, op_T, solve)
+    return solve(op, b)
 
 
 # ------------------------------------------------------------------ linearisation
@@ -383,6 +432,15 @@ def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool) -> t
     return rows.reshape(n, B, n).transpose(0, 1) if per_sample else rows.reshape(N, N)
 
 
+def _lu_factor(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU factors; a singular matrix raises ``LinAlgError`` (``lu_factor`` raises a bare
+    ``RuntimeError``), which Newton turns into :class:`NewtonConvergenceError`."""
+    LU, pivots, info = torch.linalg.lu_factor_ex(M)
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError("the Newton matrix is singular")
+    return LU, pivots
+
+
 def _identity_minus(blocks: torch.Tensor, scale: Any) -> torch.Tensor:
     eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
     return eye - blocks * scale
@@ -436,8 +494,9 @@ class Newton:
         with the same key. Without a key the system is solved once (the backward's).
         """
         if self.mode == "gmres":
-            prod = lin.vjp if transpose else lin.jvp
-            d = self._gmres(lambda v: v - prod(v) * gamma, r.reshape(-1))
+            prod, prod_T = (lin.vjp, lin.jvp) if transpose else (lin.jvp, lin.vjp)
+            d = _krylov(self._gmres, lambda v: v - prod(v) * gamma,
+                        lambda v: v - prod_T(v) * gamma, r.reshape(-1))  # fmt: skip
             return d.view_as(r)
         assert lin.J is not None
         rhs = r.reshape(-1, 1) if self.mode == "dense" else r.reshape(r.shape[0], -1, 1)
@@ -445,7 +504,7 @@ class Newton:
             M = _identity_minus(lin.J, gamma)
             return torch.linalg.solve(M.mT if transpose else M, rhs).view_as(r)
         if key not in lin.factors:
-            lin.factors[key] = torch.linalg.lu_factor(_identity_minus(lin.J, gamma))
+            lin.factors[key] = _lu_factor(_identity_minus(lin.J, gamma))
         LU, pivots = lin.factors[key]
         return torch.linalg.lu_solve(LU, pivots, rhs, adjoint=transpose).view_as(r)
 
@@ -461,7 +520,7 @@ class Newton:
         if self.mode == "gmres":
             n = r[0].numel()
 
-            def op(v: torch.Tensor) -> torch.Tensor:
+            def op(v: torch.Tensor, transpose: bool = transpose) -> torch.Tensor:
                 parts = v.view(s, n)
                 out = []
                 for i in range(s):
@@ -473,7 +532,8 @@ class Newton:
                     out.append(parts[i] - acc * h)
                 return torch.cat(out)
 
-            d = self._gmres(op, torch.cat([ri.reshape(-1) for ri in r]))
+            d = _krylov(self._gmres, op, lambda v: op(v, not transpose),
+                        torch.cat([ri.reshape(-1) for ri in r]))  # fmt: skip
             return [di.view(shape) for di in d.view(s, -1)]
         if self.mode == "dense":
             rhs = torch.cat([ri.reshape(-1) for ri in r]).unsqueeze(-1)
@@ -486,7 +546,7 @@ class Newton:
         else:
             M = self._coupled_matrix(lins, h)
             if cache:
-                lins[0].factors["coupled"] = LU, pivots = torch.linalg.lu_factor(M)
+                lins[0].factors["coupled"] = LU, pivots = _lu_factor(M)
                 d = torch.linalg.lu_solve(LU, pivots, rhs, adjoint=transpose)
             else:
                 d = torch.linalg.solve(M.mT if transpose else M, rhs)
@@ -515,6 +575,8 @@ class Newton:
     def _size(self, dx: torch.Tensor, x: torch.Tensor) -> float:
         """RMS of ``dx`` scaled by ``atol + rtol |x|`` (converged when at most 1)."""
         o = self.opts
+        if dx.numel() == 0:  # a zero-size state: nothing to solve
+            return 0.0
         scale = o.atol + o.rtol * x.detach().abs()
         return float(torch.sqrt(torch.mean((dx.detach() / scale) ** 2)))
 
@@ -560,7 +622,10 @@ class Newton:
             r = fn(t, x) - k
             if lin is None or full:
                 lin = self.linear(fn, t, x)
-            d = self.solve(lin, gamma, r, transpose=False, key=key)
+            try:
+                d = self.solve(lin, gamma, r, transpose=False, key=key)
+            except torch.linalg.LinAlgError as err:
+                raise self._fail(where, "the Newton matrix I - h a_ii J is singular") from err
             if not bool(torch.isfinite(d).all()):
                 raise self._fail(where, "the iterate became inf/nan")
             size = self._size(d * gamma, x)
@@ -598,7 +663,10 @@ class Newton:
             r = [fn(times[i], X[i]) - k[i] for i in range(s)]
             if lins is None or full:
                 lins = [self.linear(fn, times[i], X[i]) for i in range(s)]
-            d = self.coupled(lins, h, r, transpose=False, cache=not full)
+            try:
+                d = self.coupled(lins, h, r, transpose=False, cache=not full)
+            except torch.linalg.LinAlgError as err:
+                raise self._fail(where, "the Newton matrix I - h (A kron J) is singular") from err
             if not all(bool(torch.isfinite(di).all()) for di in d):
                 raise self._fail(where, "the iterate became inf/nan")
             dX = [lincomb(None, h, a[i], d) for i in range(s)]
@@ -1009,7 +1077,9 @@ class ImplicitFixedGridSolver(_ImplicitMixin, FixedGridODESolver):
     def __init__(self, func: Any, y0: torch.Tensor, step_size: Any = None,
                  grid_constructor: Any = None, interp: str = "linear", perturb: bool = False,
                  **kwargs: Any) -> None:  # fmt: skip
-        opts = NewtonOptions.pop(kwargs, kwargs.get("rtol", 1e-7), kwargs.get("atol", 1e-9))
+        opts = NewtonOptions.pop(
+            kwargs, kwargs.get("rtol", 1e-7), kwargs.get("atol", 1e-9), y0.dtype
+        )
         if interp != "linear":
             implicit_interpolant(self.method, interp)  # raises
         super().__init__(func, y0, step_size=step_size, grid_constructor=grid_constructor,
@@ -1047,7 +1117,7 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
     method: str
 
     def __init__(self, func: Any, y0: torch.Tensor, rtol: Any, atol: Any, **kwargs: Any) -> None:
-        opts = NewtonOptions.pop(kwargs, rtol, atol)
+        opts = NewtonOptions.pop(kwargs, rtol, atol, y0.dtype)
         super().__init__(func, y0, rtol, atol, **kwargs)
         self.core_tableau = implicit_tableau(self.method)
         self.newton = Newton(self.core_tableau, opts, y0.numel())

@@ -291,6 +291,9 @@ class Recorder:
         self.dt_attempt: Any = None
         self.dt_accept: Any = None
         self.accepted = False
+        #: an implicit method's name: a random func is refused at its first evaluation
+        #: (noise keeps Newton from converging, or adaptive steps shrink without end)
+        self.refuse_random: str | None = None
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor, *, perturb: Perturb = Perturb.NONE):
         self.nfe += 1
@@ -298,6 +301,8 @@ class Recorder:
         obs = self.observer
         t = perturb_time(t, y.dtype, perturb)
         out = self.base(t, y) if obs is None else obs(self.base, t, y)
+        if self.refuse_random is not None and obs is not None and obs.random:
+            raise _random_implicit_error(self.refuse_random)
         if self.adaptive and perturb is Perturb.NEXT:
             self.jump_k1 = out
             if obs is not None and obs.random:
@@ -535,6 +540,15 @@ def recording_class(method: str) -> type:
     return type(f"_Recording{base.__name__}", (mixin, base), {})
 
 
+def _random_implicit_error(method: str) -> ValueError:
+    return ValueError(
+        f"func draws random numbers, which adjoint='symplectic' cannot replay through the "
+        f"Newton iterations of the implicit method {method!r} (and unless the noise is far "
+        "below the Newton tolerance, no Newton iteration converges on it); draw the noise "
+        "outside func (e.g. pass it in a closure), or use adjoint='backprop'"
+    )
+
+
 def record_solve(
     problem: Problem, y0: torch.Tensor, t: torch.Tensor, *, need_t: bool, observer: Any = None
 ) -> tuple[Any, Recording, Checkpoints]:
@@ -567,6 +581,8 @@ def record_solve(
     log = solver._log = _Log()
     solver._store = store
     solver._sign = problem.sign
+    if spec.implicit:
+        rec.refuse_random = problem.method
     if problem.event_fn is None:
         solution = solver.integrate(t)
         event_t = None
@@ -588,11 +604,7 @@ def record_solve(
     if spec.implicit and log.rng:
         # Newton evaluates func a data-dependent number of times per stage: the random
         # numbers of the converged stage cannot be replayed on their own.
-        raise ValueError(
-            f"func draws random numbers, which adjoint='symplectic' cannot replay through the "
-            f"Newton iterations of the implicit method {problem.method!r}; draw the noise "
-            "outside func (e.g. pass it in a closure), or use adjoint='backprop'"
-        )
+        raise _random_implicit_error(problem.method)
     steps, stage_times, end_times, loose = _steps(
         log, spec, t, event_t, ydt=y0.dtype, alpha=alpha, perturb=perturb
     )

@@ -174,6 +174,7 @@ def odeint(
         raise TypeError(f"odeint() got unexpected keyword arguments {unknown}")
     method = _check_method(method, adjoint)
     _check_state_and_time(y0, t, rtol, atol)
+    _check_per_sample(y0, options)
     params = _collect_params(func, adjoint_params, y0, adjoint)
     if stats is not None:
         stats.method, stats.adjoint = method, adjoint
@@ -304,6 +305,22 @@ def _check_state_and_time(y0: Any, t: Any, rtol: Any, atol: Any) -> None:
                 raise ValueError(
                     f"{name} must not require grad (tolerances are not differentiated)"
                 )
+
+
+def _check_per_sample(y0: Any, options: dict | None) -> None:
+    """``per_sample=True`` needs one tensor whose leading axis is the batch: a tuple state
+    is solved as one concatenated vector, whose block-diagonal Jacobian would be wrong
+    (a silently wrong gradient, not an error, since Newton still converges)."""
+    if not (options or {}).get("per_sample", False):
+        return
+    if not isinstance(y0, torch.Tensor):
+        raise ValueError(
+            "options['per_sample']=True needs y0 to be one tensor with a leading batch "
+            "dimension; a tuple state is solved as one concatenated vector, so its rows are "
+            "not samples. Concatenate the parts into one (batch, n) tensor, or drop per_sample"
+        )
+    if y0.ndim == 0:
+        raise ValueError("options['per_sample']=True needs y0 with a leading batch dimension")
 
 
 def _check_checkpoint(checkpoint: Any) -> None:
