@@ -81,9 +81,15 @@ def odeint(
         options: the solver options: ``first_step``, ``step_t``, ``jump_t``,
             ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``,
             ``max_num_steps``, ``dtype``, ``norm`` (adaptive); ``step_size``,
-            ``grid_constructor``, ``perturb``, ``interp="linear"|"cubic"`` (fixed grid).
+            ``grid_constructor``, ``perturb``, ``interp="linear"|"cubic"`` (fixed grid;
+            implicit methods: ``"linear"`` only, ``"cubic"`` raises ``ValueError``, since
+            torchdiffeq's cubic fit needs ``f(t_n, y_n)``, which is no stage of them).
             Implicit methods also take ``newton_rtol``/``newton_atol`` (default
-            ``rtol/100``, ``atol/100``), ``max_newton_iters`` (default 20; alias
+            ``rtol/100``, ``atol/100``, the relative one at least 10 machine epsilons of
+            the dtype; tighten both when ``adjoint="backprop"`` serves as a reference: its
+            gradient differentiates the Newton iterations actually run, so it is exact
+            only as far as they converged, while the symplectic one solves the converged
+            stage equations' adjoint), ``max_newton_iters`` (default 20; alias
             ``max_iters``), ``linear_solver="auto"|"dense"|"gmres"`` (dense Newton matrix
             from ``torch.func.jacrev`` up to 1024 unknowns, else matrix-free GMRES on
             Jacobian-vector products) and ``per_sample=True`` (``func`` acts on each row
