@@ -572,16 +572,17 @@ class Newton:
         return torch.cat(rows, dim=-2)
 
     # ------------------------------------------------------------------ nonlinear solves
-    def _size(self, dx: torch.Tensor, x: torch.Tensor) -> float:
-        """RMS of ``dx`` scaled by ``atol + rtol |x|`` (converged when at most 1)."""
+    def _size(self, dx: torch.Tensor, x: torch.Tensor, factor: float = 1.0) -> float:
+        """RMS of ``factor * dx`` scaled by ``atol + rtol |x|`` (converged when at most 1);
+        not finite when ``dx`` is not. Few tensor operations and one sync: this runs once
+        per Newton iteration."""
         o = self.opts
-        if dx.numel() == 0:  # a zero-size state: nothing to solve
+        n = dx.numel()
+        if n == 0:  # a zero-size state: nothing to solve
             return 0.0
-        scale = o.atol + o.rtol * x.detach().abs()
-        return float(torch.sqrt(torch.mean((dx.detach() / scale) ** 2)))
-
-    def _small(self, dx: torch.Tensor, x: torch.Tensor) -> bool:
-        return self._size(dx, x) <= 1.0
+        scale = x.detach().abs().mul_(o.rtol).add_(o.atol)
+        rms = float(torch.linalg.vector_norm(dx.detach() / scale)) / math.sqrt(n)
+        return rms * factor
 
     def _fail(self, where: str, why: str) -> NewtonConvergenceError:
         return NewtonConvergenceError(
@@ -615,6 +616,7 @@ class Newton:
         full = self.jacobian == "iterate"
         previous: float | None = None
         guess, it = k, 0
+        factor = abs(float(gamma.detach() if isinstance(gamma, torch.Tensor) else gamma))
         while it < self.opts.max_iters:
             it += 1
             self.iterations += 1
@@ -626,9 +628,9 @@ class Newton:
                 d = self.solve(lin, gamma, r, transpose=False, key=key)
             except torch.linalg.LinAlgError as err:
                 raise self._fail(where, "the Newton matrix I - h a_ii J is singular") from err
-            if not bool(torch.isfinite(d).all()):
+            size = self._size(d, x, factor)  # the update of x is gamma d
+            if not math.isfinite(size) and not bool(torch.isfinite(d).all()):
                 raise self._fail(where, "the iterate became inf/nan")
-            size = self._size(d * gamma, x)
             if size <= 1.0:
                 return k + d, lin
             if not full and self._stale(size, previous):
@@ -885,32 +887,32 @@ class TransposedSolves:
         rows = c.shape[0] if self.mode == "per_sample" else 1
         nc = torch.linalg.vector_norm(c.reshape(rows, -1), dim=1)
 
-        def step(kb: torch.Tensor, u: Any, prev: torch.Tensor, predict: bool) -> tuple:
-            """The correction ``d``, its row norms, the contraction, whether the error
-            (``d`` itself, or predicted after adding it) is within the rounding bound, and
-            the error and bound. Few tensor operations and one sync: this runs once or
-            twice per stage."""
+        def step(kb: torch.Tensor, u: Any, prev: torch.Tensor) -> tuple:
+            """The correction ``d``, its row norms, the contraction ``rate`` (the largest
+            ratio of ``d``'s row norms to ``prev``'s) and ``q``, the largest ratio of
+            ``d``'s row norms to the rows' rounding bounds (``d`` is within the bounds when
+            ``q <= 1``). Few tensor operations and one sync: this runs once or twice per
+            stage."""
             Ju = torch.zeros_like(kb) if u is None else u * gamma
             d = precond((c - kb).add_(Ju))
             norms = torch.linalg.vector_norm(torch.stack((d, kb, Ju)).view(3, rows, -1), dim=2)
             nd = norms[0]
-            bound = (nc + norms[1] + norms[2]) * tol
-            rate = (nd / prev.clamp_min(tiny)).max()
-            err = nd * (rate / (1 - rate)) if predict else nd
-            rate_f, ok = torch.stack((rate, (err <= bound).all().to(dtype))).tolist()
-            return d, nd, rate_f, ok > 0, err, bound
+            bound = (nc + norms[1] + norms[2]).mul_(tol)
+            rate, q = (nd / torch.stack((prev, bound)).clamp_min_(tiny)).amax(dim=1).tolist()
+            return d, nd, rate, q
 
         kb = precond(c)
         prev = torch.linalg.vector_norm(kb.reshape(rows, -1), dim=1)
         for sweep in range(REFINE_MAX_SWEEPS + 1):
-            d, nd, rate, ok, err, bound = step(kb, graphs.pull_x(g, kb), prev, True)
+            d, nd, rate, q = step(kb, graphs.pull_x(g, kb), prev)
             if not rate <= REFINE_RATE:  # also nan
                 return None
             kb = kb + d
-            if ok:
+            # The error left after adding ``d``, predicted from the contraction, against
+            # the rounding bound: the sweeps still needed at this rate, each gaining ``rate``.
+            worst = q * (rate / (1 - rate))
+            if worst <= 1.0:
                 break
-            # Sweeps still needed at this rate, each gaining a factor ``rate``.
-            worst = float((err / bound.clamp_min(tiny)).max())
             if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
                 return None
             prev = nd
@@ -920,8 +922,8 @@ class TransposedSolves:
         # the residual once more. Corrections from here on are pulled too (all linear).
         xb, tau = graphs.pull(g, kb, retain=True)
         for _ in range(2):
-            d, nd, rate, ok, _, _ = step(kb, xb, nd, False)
-            if ok:
+            d, nd, rate, q = step(kb, xb, nd)
+            if q <= 1.0:
                 return xb, tau
             if not rate <= REFINE_RATE:
                 break
