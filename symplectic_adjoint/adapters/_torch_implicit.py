@@ -16,8 +16,10 @@ Solver classes in torchdiffeq 0.2.5's machinery, under torchdiffeq master's name
   ``(y_n, k)``.
 
 The stage equations are solved by Newton's method (:class:`Newton`) with the Jacobian
-``J = df/dy`` dense (``torch.func.jacrev``), block-diagonal per sample (``per_sample=True``:
-one batched VJP per row entry over the leading batch dimension) or matrix-free GMRES on
+``J = df/dy`` dense (one batched VJP per entry, as ``torch.func.jacrev``), block-diagonal
+per sample (``per_sample=True``: one batched VJP per row entry over the leading batch
+dimension), both from one evaluation with a graph (in the forward the one that gives the
+step's first slope, where it has a graph) or matrix-free GMRES on
 Jacobian-vector products (``linear_solver="gmres"``). By default (dense or per sample;
 GMRES iterates full Newton) the Newton matrix ``I - h a_ii J`` is built and LU-factorised
 once per step, at ``(t_n, y_n)``, and reused
@@ -54,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import torch
 
@@ -366,18 +368,20 @@ class _Linear:
     factors of the Newton matrices built from it (cached by their diagonal coefficient:
     reused while the Jacobian is)."""
 
-    def __init__(self, fn: Field, t: torch.Tensor, x: torch.Tensor, mode: str) -> None:
+    def __init__(self, fn: Field, t: torch.Tensor, x: torch.Tensor, mode: str,
+                 graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
         self.fn, self.t, self.x, self.mode = fn, t, x.detach(), mode
         self.shape = x.shape
         self.J: torch.Tensor | None = None
         self.factors: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self._vjp: Any = None
-        if mode == "dense":
-            n = x.numel()
-            with torch.no_grad():
-                self.J = torch.func.jacrev(lambda z: fn(t, z))(self.x).reshape(n, n)
-        elif mode == "per_sample":
-            self.J = _row_jacobians(fn, t, self.x)
+        if mode != "gmres":
+            # From the evaluation that also gave the step's first slope (``graph``, see
+            # :meth:`Newton.first_slope`), else from one of its own: the same batched VJPs
+            # either way, so the forward's values do not depend on which.
+            J = None if graph is None else graph_jacobian(*graph, per_sample=mode == "per_sample",
+                                                          strict=True)  # fmt: skip
+            self.J = _jacobian(fn, t, self.x, mode == "per_sample") if J is None else J
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -393,33 +397,47 @@ class _Linear:
             return self._vjp(v.view(self.shape))[0].reshape(-1)
 
 
-def _row_jacobians(fn: Field, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(B, n, n)``: the Jacobian of each row of a row-wise field, ``J[b] = d f_b / d x_b``.
-
-    One evaluation of ``fn`` on the whole batch and ``n`` batched VJPs (:func:`graph_jacobian`).
-    About 1.6x faster on the benchmark's MLP than ``vmap(jacrev)`` over single rows, which
-    calls ``fn`` on batches of one.
-    """
+def _jacobian(fn: Field, t: torch.Tensor, x: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """The Jacobian of ``fn(t, .)`` at ``x`` from one evaluation with a graph and batched VJPs
+    (:func:`graph_jacobian`): ``(B, n, n)`` blocks with ``per_sample`` (about 1.6x faster on
+    the benchmark's MLP than ``vmap(jacrev)`` over single rows, which calls ``fn`` on batches
+    of one), else ``(N, N)``."""
     z = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = fn(t, z)
-    return graph_jacobian(out, z, per_sample=True)
+    return graph_jacobian(out, z, per_sample=per_sample)
 
 
-def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
+def _row_jacobians(fn: Field, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(B, n, n)``: the Jacobian of each row of a row-wise field, ``J[b] = d f_b / d x_b``."""
+    return _jacobian(fn, t, x, True)
+
+
+@overload
+def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
+                   strict: Literal[False] = False) -> torch.Tensor: ...  # fmt: skip
+@overload
+def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
+                   strict: bool) -> torch.Tensor | None: ...  # fmt: skip
+def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
+                   strict: bool = False) -> torch.Tensor | None:  # fmt: skip
     """The Jacobian ``d out / d z`` from an evaluation's graph (kept for further VJPs).
 
     ``per_sample``: ``(B, n, n)`` blocks of a row-wise field from ``n`` batched VJPs with the
     cotangent ``e_j`` in every row: row ``b`` of the ``j``-th is ``e_j^T J[b]`` because
     ``f_b`` depends on ``z_b`` only (the ``per_sample`` contract). Otherwise the dense
     ``(N, N)`` matrix from ``N = z.numel()`` batched VJPs (what ``jacrev`` does).
+    Where the graph does not reach ``z`` (a field that does not read ``y``, or an
+    evaluation made on a detached copy) the Jacobian is zero, or ``None`` with ``strict``.
     """
     N = z.numel()
     B = z.shape[0] if per_sample else 1
-    n = N // B
+    n = N // B if B else 0
     shape = (B, n, n) if per_sample else (N, N)
-    if not out.requires_grad:  # a field that does not read y
+    if N == 0:  # a zero-size state: no batched VJP to take
         return torch.zeros(shape, dtype=z.dtype, device=z.device)
+    if not out.requires_grad:  # a field that does not read y
+        return None if strict else torch.zeros(shape, dtype=z.dtype, device=z.device)
     eye = torch.eye(n, dtype=out.dtype, device=out.device)
     if per_sample:
         basis = eye.view(n, 1, *z.shape[1:]).expand(n, *out.shape)
@@ -428,7 +446,7 @@ def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool) -> t
     (rows,) = torch.autograd.grad(out, z, basis, is_grads_batched=True, retain_graph=True,
                                   allow_unused=True)  # fmt: skip
     if rows is None:
-        return torch.zeros(shape, dtype=z.dtype, device=z.device)
+        return None if strict else torch.zeros(shape, dtype=z.dtype, device=z.device)
     return rows.reshape(n, B, n).transpose(0, 1) if per_sample else rows.reshape(N, N)
 
 
@@ -477,9 +495,27 @@ class Newton:
         self.n_refine_fallbacks = 0  # backward stages refined in vain (TransposedSolves)
 
     # ------------------------------------------------------------------ linear algebra
-    def linear(self, fn: Field, t: torch.Tensor, x: torch.Tensor) -> _Linear:
+    def linear(self, fn: Field, t: torch.Tensor, x: torch.Tensor,
+               graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Linear:  # fmt: skip
+        """The Jacobian at ``(t, x)``; ``graph``: an evaluation there (:meth:`first_slope`)."""
         self.n_jacobians += 1
-        return _Linear(fn, t, x, self.mode)
+        return _Linear(fn, t, x, self.mode, graph)
+
+    def first_slope(self, fn: Field, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``(f(t, y), graph)``: a step's first slope, evaluated where simplified Newton
+        (``jacobian="step"``, dense or per sample) linearises the step, with the graph its
+        Jacobian is then built from (:meth:`linear`): one evaluation for both. ``graph`` is
+        ``None`` in the other modes, and under autograd recording when ``y`` does not
+        require grad (a detached copy would make the slope require grad whatever the
+        parameters: the Jacobian evaluates on its own there, by the same batched VJPs).
+        """
+        recording = torch.is_grad_enabled()
+        if self.jacobian != "step" or self.mode == "gmres" or (recording and not y.requires_grad):
+            return fn(t, y), None
+        z = y if recording else y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = fn(t, z)
+        return (out if recording else out.detach()), (out, z)
 
     def _gmres(self, op: Callable, b: torch.Tensor) -> torch.Tensor:
         o = self.opts
@@ -572,16 +608,17 @@ class Newton:
         return torch.cat(rows, dim=-2)
 
     # ------------------------------------------------------------------ nonlinear solves
-    def _size(self, dx: torch.Tensor, x: torch.Tensor) -> float:
-        """RMS of ``dx`` scaled by ``atol + rtol |x|`` (converged when at most 1)."""
+    def _size(self, dx: torch.Tensor, x: torch.Tensor, factor: float = 1.0) -> float:
+        """RMS of ``factor * dx`` scaled by ``atol + rtol |x|`` (converged when at most 1);
+        not finite when ``dx`` is not. Few tensor operations and one sync: this runs once
+        per Newton iteration."""
         o = self.opts
-        if dx.numel() == 0:  # a zero-size state: nothing to solve
+        n = dx.numel()
+        if n == 0:  # a zero-size state: nothing to solve
             return 0.0
-        scale = o.atol + o.rtol * x.detach().abs()
-        return float(torch.sqrt(torch.mean((dx.detach() / scale) ** 2)))
-
-    def _small(self, dx: torch.Tensor, x: torch.Tensor) -> bool:
-        return self._size(dx, x) <= 1.0
+        scale = x.detach().abs().mul_(o.rtol).add_(o.atol)
+        rms = float(torch.linalg.vector_norm(dx.detach() / scale)) / math.sqrt(n)
+        return rms * factor
 
     def _fail(self, where: str, why: str) -> NewtonConvergenceError:
         return NewtonConvergenceError(
@@ -615,6 +652,7 @@ class Newton:
         full = self.jacobian == "iterate"
         previous: float | None = None
         guess, it = k, 0
+        factor = abs(float(gamma.detach() if isinstance(gamma, torch.Tensor) else gamma))
         while it < self.opts.max_iters:
             it += 1
             self.iterations += 1
@@ -626,9 +664,9 @@ class Newton:
                 d = self.solve(lin, gamma, r, transpose=False, key=key)
             except torch.linalg.LinAlgError as err:
                 raise self._fail(where, "the Newton matrix I - h a_ii J is singular") from err
-            if not bool(torch.isfinite(d).all()):
+            size = self._size(d, x, factor)  # the update of x is gamma d
+            if not math.isfinite(size) and not bool(torch.isfinite(d).all()):
                 raise self._fail(where, "the iterate became inf/nan")
-            size = self._size(d * gamma, x)
             if size <= 1.0:
                 return k + d, lin
             if not full and self._stale(size, previous):
@@ -643,17 +681,19 @@ class Newton:
         raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
 
     def coupled_stages(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
-                       k: list[torch.Tensor], where: str) -> list[torch.Tensor]:  # fmt: skip
+                       k: list[torch.Tensor], where: str,
+                       graph: Any = None) -> list[torch.Tensor]:  # fmt: skip
         """Solve ``k_i = fn(t_i, y0 + h sum_j a_ij k_j)`` for all stages at once.
 
         ``jacobian="step"``: every stage's block uses ``J(t_n, y_n)`` (one LU of the
-        coupled matrix per step); ``"stage"``: ``J_i`` at the starting iterate.
+        coupled matrix per step; ``graph``: an evaluation there, :meth:`first_slope`);
+        ``"stage"``: ``J_i`` at the starting iterate.
         """
         a, s = self.tableau.a, self.tableau.stages
         full = self.jacobian == "iterate"
         lins: list[_Linear] | None = None
         if self.jacobian == "step":
-            lins = [self.linear(fn, times[0], y0)] * s
+            lins = [self.linear(fn, times[0], y0, graph)] * s
         previous: float | None = None
         guess, it = k, 0
         while it < self.opts.max_iters:
@@ -683,11 +723,12 @@ class Newton:
         raise self._fail(where, f"no convergence in {self.opts.max_iters} iterations")
 
     def step(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor, h: Any,
-             k1: torch.Tensor | None, where: str, *,
-             start: _Linear | None = None) -> tuple[list, list]:  # fmt: skip
+             k1: torch.Tensor | None, where: str, *, start: _Linear | None = None,
+             graph: Any = None) -> tuple[list, list]:  # fmt: skip
         """One step's stage inputs and slopes ``(X, k)``.
 
-        ``k1``: the first slope when stage 1 is explicit and its slope is known (FSAL).
+        ``k1``: the first slope when stage 1 is explicit and its slope is known (FSAL), and
+        ``graph`` the evaluation that gave it (:meth:`first_slope`) if the caller has it.
         ``start``: the step's Jacobian at ``(t_n, y_n)`` if the caller has it
         (``jacobian="step"``; the reverse pass, :func:`implicit_recompute`).
         The last stage input of a stiffly accurate tableau is ``y_{n+1}``. Everything here
@@ -697,8 +738,9 @@ class Newton:
         tab, s = self.tableau, self.tableau.stages
         a = tab.a
         if not self.diagonal:
-            guess = fn(times[0], y0) if k1 is None else k1
-            k = self.coupled_stages(fn, times, y0, h, [guess] * s, where)
+            if k1 is None:
+                k1, graph = self.first_slope(fn, times[0], y0)
+            k = self.coupled_stages(fn, times, y0, h, [k1] * s, where, graph)
             return [lincomb(y0, h, a[i], k) for i in range(s)], k
         X: list[torch.Tensor] = []
         k = []
@@ -708,13 +750,19 @@ class Newton:
             gamma = a[i][i]
             if gamma == 0:
                 Xi = base
-                ki = k1 if (i == 0 and k1 is not None) else fn(times[i], Xi)
+                if i == 0 and k1 is not None:
+                    ki = k1
+                elif i == 0 and lin is None:  # the step's Jacobian is linearised here
+                    ki, graph = self.first_slope(fn, times[0], Xi)
+                else:
+                    ki = fn(times[i], Xi)
             else:
                 guess = k[-1] if k else fn(times[i], base)
                 if lin is None and self.jacobian == "step":
-                    # After a plain evaluation: the forward's first one is observed with
-                    # its arguments detached, which a Jacobian transform must not be.
-                    lin = self.linear(fn, times[0], y0)
+                    # From the first slope's evaluation when it had one: the forward's
+                    # first evaluation is observed with its arguments detached, which
+                    # leaves no graph to build from (then one evaluation of its own).
+                    lin = self.linear(fn, times[0], y0, graph)
                 ki, lin = self.stage(fn, times[i], base, h * gamma, guess,
                                      f"{where}, stage {i + 1}", lin=lin, key=gamma)  # fmt: skip
                 if self.jacobian != "step":
@@ -885,32 +933,32 @@ class TransposedSolves:
         rows = c.shape[0] if self.mode == "per_sample" else 1
         nc = torch.linalg.vector_norm(c.reshape(rows, -1), dim=1)
 
-        def step(kb: torch.Tensor, u: Any, prev: torch.Tensor, predict: bool) -> tuple:
-            """The correction ``d``, its row norms, the contraction, whether the error
-            (``d`` itself, or predicted after adding it) is within the rounding bound, and
-            the error and bound. Few tensor operations and one sync: this runs once or
-            twice per stage."""
+        def step(kb: torch.Tensor, u: Any, prev: torch.Tensor) -> tuple:
+            """The correction ``d``, its row norms, the contraction ``rate`` (the largest
+            ratio of ``d``'s row norms to ``prev``'s) and ``q``, the largest ratio of
+            ``d``'s row norms to the rows' rounding bounds (``d`` is within the bounds when
+            ``q <= 1``). Few tensor operations and one sync: this runs once or twice per
+            stage."""
             Ju = torch.zeros_like(kb) if u is None else u * gamma
             d = precond((c - kb).add_(Ju))
             norms = torch.linalg.vector_norm(torch.stack((d, kb, Ju)).view(3, rows, -1), dim=2)
             nd = norms[0]
-            bound = (nc + norms[1] + norms[2]) * tol
-            rate = (nd / prev.clamp_min(tiny)).max()
-            err = nd * (rate / (1 - rate)) if predict else nd
-            rate_f, ok = torch.stack((rate, (err <= bound).all().to(dtype))).tolist()
-            return d, nd, rate_f, ok > 0, err, bound
+            bound = (nc + norms[1] + norms[2]).mul_(tol)
+            rate, q = (nd / torch.stack((prev, bound)).clamp_min_(tiny)).amax(dim=1).tolist()
+            return d, nd, rate, q
 
         kb = precond(c)
         prev = torch.linalg.vector_norm(kb.reshape(rows, -1), dim=1)
         for sweep in range(REFINE_MAX_SWEEPS + 1):
-            d, nd, rate, ok, err, bound = step(kb, graphs.pull_x(g, kb), prev, True)
+            d, nd, rate, q = step(kb, graphs.pull_x(g, kb), prev)
             if not rate <= REFINE_RATE:  # also nan
                 return None
             kb = kb + d
-            if ok:
+            # The error left after adding ``d``, predicted from the contraction, against
+            # the rounding bound: the sweeps still needed at this rate, each gaining ``rate``.
+            worst = q * (rate / (1 - rate))
+            if worst <= 1.0:
                 break
-            # Sweeps still needed at this rate, each gaining a factor ``rate``.
-            worst = float((err / bound.clamp_min(tiny)).max())
             if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
                 return None
             prev = nd
@@ -920,8 +968,8 @@ class TransposedSolves:
         # the residual once more. Corrections from here on are pulled too (all linear).
         xb, tau = graphs.pull(g, kb, retain=True)
         for _ in range(2):
-            d, nd, rate, ok, _, _ = step(kb, xb, nd, False)
-            if ok:
+            d, nd, rate, q = step(kb, xb, nd)
+            if q <= 1.0:
                 return xb, tau
             if not rate <= REFINE_RATE:
                 break
@@ -1134,11 +1182,12 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
         return out
 
     def step_stages(self, fn: Field, times: Sequence[torch.Tensor], y0: torch.Tensor,
-                    h: torch.Tensor, k1: torch.Tensor | None) -> tuple:  # fmt: skip
+                    h: torch.Tensor, k1: torch.Tensor | None,
+                    graph: Any = None) -> tuple:  # fmt: skip
         where = (
             f"in the step from t={float(times[0].detach()):.17g} of size {float(h.detach()):.17g}"
         )
-        return self.newton.step(fn, times, y0, h, k1, where)
+        return self.newton.step(fn, times, y0, h, k1, where, graph=graph)
 
     def _adaptive_step(self, rk_state):
         y0, f0, _, t0, dt, interp_coeff = rk_state
@@ -1169,8 +1218,10 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
         if first is None:
             first = t0.to(ydt)
         times = self.stage_times(t0, dt, t1, ydt, first)
+        # The evaluation that gave f0, when it also serves this step's Jacobian.
+        graph = getattr(self, "_first_graph", None)
         try:
-            X, k = self.step_stages(self._field, times, y0, h, f0)
+            X, k = self.step_stages(self._field, times, y0, h, f0, graph)
         except NewtonConvergenceError as err:
             small = dt * 0.25
             if small <= self.min_step or not bool(t0 + small > t0):
@@ -1196,14 +1247,16 @@ class KvaernoSolver(_ImplicitMixin, RKAdaptiveStepsizeODESolver):
             if on_step_t and self.next_step_index != len(self.step_t) - 1:
                 self.next_step_index += 1
             # The next first slope: f at y_{n+1} itself (not Newton's last iterate k_s), so
-            # that it is a function of the state and a states-only checkpoint suffices.
-            f1 = self._field(times[-1], y1)
+            # that it is a function of the state and a states-only checkpoint suffices; its
+            # evaluation's graph serves the next step's Jacobian (Newton.first_slope).
+            f1, self._first_graph = self.newton.first_slope(self._field, times[-1], y1)
             self._first_time = times[-1]
             if on_jump_t:
                 if self.next_jump_index != len(self.jump_t) - 1:
                     self.next_jump_index += 1
                 f1 = self.func(t1, y1, perturb=Perturb.NEXT)
                 self._first_time = _next(t1.to(ydt))
+                self._first_graph = None
             t_next, y_next, f_next = t1, y1, f1
         else:
             self.func.callback_reject_step(t0, y0, dt)

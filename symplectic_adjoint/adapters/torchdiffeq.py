@@ -91,14 +91,15 @@ def odeint(
             only as far as they converged, while the symplectic one solves the converged
             stage equations' adjoint), ``max_newton_iters`` (default 20; alias
             ``max_iters``), ``linear_solver="auto"|"dense"|"gmres"`` (dense Newton matrix
-            from ``torch.func.jacrev`` up to 1024 unknowns, else matrix-free GMRES on
-            Jacobian-vector products) and ``per_sample=True`` (``func`` acts on each row
-            of the leading batch dimension: block-diagonal Jacobians, never one of the
-            whole batch), ``jacobian="step"|"stage"|"iterate"`` (the Newton matrix built
-            and factorised once per step, the default, once per stage, or at every
-            iterate, GMRES's default); a step whose Newton iteration does not converge raises
-            ``NewtonConvergenceError`` naming the step and the time (adaptive methods
-            first retry smaller steps). ``adjoint_solve="refine"|"fresh"``: the backward's
+            from batched VJPs, as ``torch.func.jacrev``, up to 1024 unknowns, else
+            matrix-free GMRES on Jacobian-vector products) and ``per_sample=True``
+            (``func`` acts on each row of the leading batch dimension: block-diagonal
+            Jacobians, never one of the whole batch), ``jacobian="step"|"stage"|"iterate"``
+            (the Newton matrix built and factorised once per step, the default, once per
+            stage, or at every iterate, GMRES's default); a step whose Newton iteration
+            does not converge raises ``NewtonConvergenceError`` naming the step and the
+            time (adaptive methods first retry smaller steps).
+            ``adjoint_solve="refine"|"fresh"``: the backward's
             transposed stage solves ``(I - h a_ii J(X_i))^T kbar = c`` by iterative
             refinement from one factorisation per step, each correction one exact VJP
             at the converged stage, until it is at rounding level (falling back to a
