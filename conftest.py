@@ -2,6 +2,11 @@
 
 * JAX runs in float64 where a test asks for it: ``jax_enable_x64`` is switched on once
   here (float32 tests pass explicit dtypes, so they are unaffected).
+* JAX's compilation caches are cleared after each test module: every compiled XLA CPU
+  executable keeps memory mappings, and the whole suite's few thousand programs in one
+  process reach the kernel's per-process mapping limit (``vm.max_map_count``, 65,530
+  here), where XLA crashes while loading the next program (a segfault in
+  ``backend_compile_and_load``, seen at the suite's last JAX test).
 * One intra-op thread for torch keeps the 2-core CI machine responsive and results
   deterministic; tests never time anything.
 * Tests marked ``slow`` (the full solver x controller matrices; a cheaper case of every
@@ -13,8 +18,10 @@
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import re
+import sys
 
 import pytest
 
@@ -27,6 +34,15 @@ if importlib.util.find_spec("torch") is not None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_jax_executables():
+    """After each module: drop JAX's compiled programs (see the module docstring)."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
