@@ -251,7 +251,7 @@ def _transposed_solver(linear_solver: Any, solver: Any) -> Any:
     ``J`` the Jacobian of ``field_X`` at ``X`` and ``pull_X(v) = J^T v`` (one VJP).
 
     Default (``linear_solver=None``): ``J`` materialised by forward mode (one JVP per state
-    component, batched) and a dense LU solve of the transposed system. Measured on the
+    component, batched) and lineax's dense LU solve of the transposed system. Measured on the
     stiff benchmark this holds a third of the workspace of materialising ``J^T`` by
     batched VJPs (what lineax does for a function operator), at the same speed. Any lineax
     solver given instead gets the matrix-free operator ``v -> v - gamma J^T v``.
@@ -262,7 +262,8 @@ def _transposed_solver(linear_solver: Any, solver: Any) -> Any:
             flat, unravel = ravel_pytree(X)
             jac = jax.jacfwd(lambda x: ravel_pytree(field_X(unravel(x)))[0])(flat)
             matrix = jnp.eye(flat.size, dtype=jac.dtype) - gamma * jac
-            return unravel(jnp.linalg.solve(matrix.T, ravel_pytree(rhs)[0]))
+            operator = lx.MatrixLinearOperator(matrix.T)
+            return unravel(lx.linear_solve(operator, ravel_pytree(rhs)[0], lx.LU()).value)
 
         return dense
 
