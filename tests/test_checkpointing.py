@@ -26,6 +26,7 @@ from symplectic_adjoint.core.checkpointing import (
     offline_schedule,
     reverse_replays,
     segment_replays,
+    segment_replays_traced,
     store_all_schedule,
     validate_checkpoint,
 )
@@ -201,6 +202,38 @@ def test_binomial_split_under_jax_jit_gives_the_same_integers():
     got = split(lengths, frees)
     assert got.dtype == jnp.int32
     assert got.tolist() == [binomial_split(length, free) for length, free in SPLIT_CASES]
+
+
+def test_traced_segment_replays_is_the_recursion_in_python_and_under_jax_jit():
+    # Every length/free pair, the edge cases (length 0/1, free 0) included, against the
+    # recursion itself; then the same integers from traced int32 arrays.
+    cases = [(length, free) for length in range(0, 60) for free in range(0, 8)]
+    python = [
+        segment_replays_traced(
+            length, free, while_loop=_python_loop,
+            where=lambda p, a, b: a if p else b, maximum=max,
+        )
+        for length, free in cases
+    ]  # fmt: skip
+    assert python == [_recursion(length, free) for length, free in cases]
+    jax = pytest.importorskip("jax")
+    jnp, lax = jax.numpy, jax.lax
+
+    @jax.jit
+    @jax.vmap
+    def traced(length, free):
+        return segment_replays_traced(
+            length, free, while_loop=lax.while_loop, where=jnp.where, maximum=jnp.maximum
+        )
+
+    got = traced(*(jnp.asarray(col, jnp.int32) for col in zip(*cases, strict=True)))
+    assert got.dtype == jnp.int32 and got.tolist() == python
+
+
+def _python_loop(cond, body, value):
+    while cond(value):
+        value = body(value)
+    return value
 
 
 @pytest.mark.parametrize(("length", "free"), [(1, 1), (0, 3), (5, 0), (2, -1)])

@@ -145,28 +145,42 @@ def min_replays(length: int, free: int) -> int:
     )
 
 
+# A sweep whose states are their own step indices (y_n = n: a replay adds 1), whose
+# reverse step writes (n, y_n) into the next row of `seen`.
+def _replay(n, y):
+    return y + 1.0
+
+
+def _step_adjoint(n, y, k, seen, unused, active):
+    # The protocol: the old carry where `active` is false (a row of a vmapped sweep
+    # that reverses nothing this round).
+    new = (k + 1, seen.at[k].set(jnp.stack([n.astype(y.dtype), y])), unused)
+    return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, (k, seen, unused))
+
+
+def _empty_carry():
+    return jnp.asarray(0), jnp.full((40, 2), -1.0), jnp.asarray(0.0)
+
+
+def _check_order(n, count, seen):
+    # Steps N-1, ..., 0, each from its own state.
+    assert int(count) == n
+    expected = jnp.arange(n - 1, -1, -1, dtype=seen.dtype)
+    assert (seen[:n, 0] == expected).all() and (seen[:n, 1] == expected).all()
+
+
 @pytest.mark.parametrize("budget", [1, 2, 3, 6])
 def test_schedule_order_states_and_replays(budget):
     """With y_n = n (replay adds 1), every reverse step must see its own index as state,
     the steps must come in order N-1, ..., 0, and the replay count must be minimal."""
 
-    def replay(n, y):
-        return y + 1.0
-
-    def step_adjoint(n, y, k, seen, unused, active):
-        # The protocol: the old carry where `active` is false (a row of a vmapped sweep
-        # that reverses nothing this round).
-        new = (k + 1, seen.at[k].set(jnp.stack([n.astype(y.dtype), y])), unused)
-        return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, (k, seen, unused))
-
     def sweep(num_steps):
-        carry = (jnp.asarray(0), jnp.full((40, 2), -1.0), jnp.asarray(0.0))
-        return _budget_sweep(budget, jnp.asarray(0.0), num_steps, replay, step_adjoint, carry)
+        return _budget_sweep(
+            budget, jnp.asarray(0.0), num_steps, _replay, _step_adjoint, _empty_carry()
+        )
 
     def check(n, count, seen, replayed):
-        assert int(count) == n
-        expected = jnp.arange(n - 1, -1, -1, dtype=seen.dtype)
-        assert (seen[:n, 0] == expected).all() and (seen[:n, 1] == expected).all()
+        _check_order(n, count, seen)
         if n:
             assert int(replayed) == min_replays(n, budget - 1), (n, int(replayed))
 
@@ -179,6 +193,100 @@ def test_schedule_order_states_and_replays(budget):
     (count, seen, _), replayed = jax.jit(jax.vmap(sweep))(jnp.asarray(lengths))
     for row, n in enumerate(lengths):
         check(n, count[row], seen[row], replayed[row])
+
+
+def doubling_layout(n: int, c: int) -> tuple[set, int]:
+    """The states the forward pass keeps after ``n`` steps with ``c`` slots, and the
+    stride: multiples of a stride that doubles (odd multiples dropped) when all ``c``
+    slots are full; ``c = 1`` keeps ``y_0`` alone."""
+    kept, stride = {0}, 1 if c > 1 else n + 1
+    for m in range(1, n + 1):
+        if m % stride:
+            continue
+        if len(kept) == c:
+            kept, stride = {p for p in kept if p % (2 * stride) == 0}, 2 * stride
+            if m % stride:
+                continue
+        kept.add(m)
+    return kept, stride
+
+
+def plan_replays(n: int, c: int, kept: set, stride: int) -> int:
+    """The fewer replays of the two plans: segments between the kept states (the k-th
+    with c - 1 - k free slots), or from y_0 alone."""
+    starts = sorted(p for p in kept if p < n)
+    segments = sum(min_replays(min(a + stride, n) - a, c - 1 - k) for k, a in enumerate(starts))
+    return min(segments, min_replays(n, c - 1))
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 6])
+def test_forward_keeps_multiples_of_a_doubling_stride(budget):
+    """The recording loop's slot rule, step by step against the reference layout: every
+    multiple of the stride up to the last step is held, nothing else, in at most
+    ``budget`` slots, each slot holding the state its position names."""
+    from symplectic_adjoint.adapters._jax_record import Record, _keep_budgeted
+
+    def put(buf, i, x, pred):
+        return buf.at[i].set(jnp.where(pred, x, buf[i]))
+
+    def run(n):
+        zeros = jnp.zeros(1)
+        rec = Record(
+            ys=jnp.zeros(budget).at[0].set(0.0), tprev=zeros, tnext=zeros, save_before=zeros,
+            save_after=zeros, ts_before=zeros, ts_after=zeros, ks=None,
+            pos=jnp.full(budget, -1, jnp.int32).at[0].set(0),
+            stride=jnp.asarray(1 if budget > 1 else 10**6, jnp.int32),
+        )  # fmt: skip
+
+        def body(m, rec):
+            # Every other attempt is rejected: it must leave no trace.
+            rec = _keep_budgeted(rec, m, -jnp.asarray(m, jnp.float64), False, put)
+            return _keep_budgeted(rec, m, jnp.asarray(m, jnp.float64), True, put)
+
+        return jax.lax.fori_loop(1, n + 1, body, rec)
+
+    for n in (0, 1, 5, 6, 7, 12, 13, 31, 40):
+        rec = jax.jit(run, static_argnums=0)(n)
+        pos = [int(p) for p in rec.pos]
+        kept, stride = doubling_layout(n, budget)
+        assert {p for p in pos if p >= 0} == kept, (n, pos, kept)
+        if budget > 1:
+            assert int(rec.stride) == stride
+        assert all(float(y) == p for y, p in zip(rec.ys, pos, strict=True) if p >= 0)
+
+
+@pytest.mark.parametrize("budget", [2, 3, 6])
+def test_schedule_from_forward_checkpoints(budget):
+    """From the states the forward pass kept, the sweep reverses N-1, ..., 0 from the
+    right states, with the replays of the cheaper of its two plans (the segments
+    between the kept states, or y_0 alone); also under vmap, one layout per row."""
+
+    def layout(n):
+        kept, stride = doubling_layout(n, budget)
+        pos = sorted(kept) + [-1] * (budget - len(kept))
+        slots = jnp.asarray([max(p, 0) for p in pos], jnp.float64)
+        return slots, jnp.asarray(pos, jnp.int32), jnp.asarray(stride, jnp.int32)
+
+    def sweep(num_steps, stored):
+        return _budget_sweep(
+            budget, stored[0][0], num_steps, _replay, _step_adjoint, _empty_carry(),
+            stored=stored,
+        )  # fmt: skip
+
+    # With 2 slots, 30 steps replay fewer from y_0 alone (126) than from the kept y_0,
+    # y_16 (136): both plans are exercised.
+    lengths = (0, 1, 2, 7, 13, 23, 30, 40)
+    outs = []
+    for n in lengths:
+        outs.append((n, jax.jit(sweep)(jnp.asarray(n), layout(n))))
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *[layout(n) for n in lengths])
+    rows = jax.jit(jax.vmap(sweep))(jnp.asarray(lengths), stacked)
+    outs += [(n, jax.tree.map(lambda x, r=r: x[r], rows)) for r, n in enumerate(lengths)]
+    for n, ((count, seen, _), replayed) in outs:
+        _check_order(n, count, seen)
+        if n:
+            kept, stride = doubling_layout(n, budget)
+            assert int(replayed) == plan_replays(n, budget, kept, stride), (n, int(replayed))
 
 
 def test_budget_bounds_memory():

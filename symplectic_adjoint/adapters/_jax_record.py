@@ -10,8 +10,12 @@ step (``num_accepted_steps`` went up) it writes into ``max_steps``-sized buffers
   restarts ``nextafter`` the jump, so both are kept),
 * the state ``y_{n+1}`` after the step (slot 0 holds ``y_0``), so that step ``n`` can be
   replayed from ``y_n`` -- unless the adjoint has a budget of ``c`` states
-  (``checkpoint=<int>``): then only ``y_0`` is kept, and the reverse pass rebuilds the
-  states it needs by replaying the recorded steps (:mod:`._jax_reverse`),
+  (``checkpoint=<int>``): then ``c`` slots hold the states at the multiples of a stride
+  that doubles whenever they are full (``y_0, y_s, y_2s, ...``; on doubling, the states
+  at odd multiples are dropped), and the reverse pass rebuilds the others by replaying
+  the recorded steps (:mod:`._jax_reverse`). The step count is a traced value, unknown
+  until the loop ends, so a schedule that needs it cannot be applied here; the doubling
+  stride needs none and leaves ``y_0`` and at least ``c / 2`` evenly spaced states,
 * the save-buffer and ``SaveAt(ts=...)`` indices before and after the step, which say
   which outputs the step wrote,
 * with ``checkpoint="stages"`` also the stage increments ``K_i`` of the step, taken from
@@ -153,13 +157,16 @@ class Record(eqx.Module):
     """What the forward pass keeps per accepted step (buffers sized by ``max_steps``).
 
     ``ys[n]`` is the state at the start of step ``n`` (``ys[num_steps]`` the final
-    state; under a checkpoint budget ``ys`` holds ``y_0`` only, a leading axis of 1);
+    state); under a checkpoint budget of ``c`` states ``ys`` has ``c`` slots, slot ``j``
+    holding ``y_{pos[j]}`` (``pos[j] = -1``: free; slot 0 is ``y_0``), every multiple of
+    ``stride`` up to the last step held and nothing else, and ``pos``/``stride`` are
+    ``None`` otherwise;
     ``tprev[n]``/``tnext[n]`` the step's ends; ``save_before``/``save_after`` the
     save-buffer index and ``ts_before``/``ts_after`` the ``SaveAt(ts=...)`` index around
     the step; ``ks`` the stage increments (``checkpoint="stages"`` only, else ``None``).
     """
 
-    # Shapes: S = max_steps + 1 (states kept) or 1 (a budget); M = max_steps; s stages.
+    # Shapes: S = max_steps + 1 (states kept) or c (a budget); M = max_steps; s stages.
     ys: PyTree[Shaped[Array, "S ..."]]  # noqa: F722
     tprev: Float[Array, " M"]  # noqa: F722
     tnext: Float[Array, " M"]  # noqa: F722
@@ -168,6 +175,8 @@ class Record(eqx.Module):
     ts_before: Int[Array, "M subs"]  # noqa: F722
     ts_after: Int[Array, "M subs"]  # noqa: F722
     ks: PyTree[Shaped[Array, "M s ..."]] | None  # noqa: F722
+    pos: Int[Array, " S"] | None = None  # noqa: F722
+    stride: Int[Array, ""] | None = None  # noqa: F722
 
 
 def _save_index(save_state) -> tuple[Any, Any]:
@@ -188,11 +197,11 @@ def save_states(save_state) -> list:
     return [x for x in jtu.tree_leaves(save_state, is_leaf=is_state) if is_state(x)]
 
 
-def _empty_record(init_state, max_steps: int, k_struct, keep_states: bool) -> Record:
+def _empty_record(init_state, max_steps: int, k_struct, budget: int | None) -> Record:
     y0 = init_state.y
     n_subs = len(save_states(init_state.save_state))
     time_dtype = jnp.result_type(init_state.tprev)
-    n_states = max_steps + 1 if keep_states else 1
+    n_states = max_steps + 1 if budget is None else budget
     ys = jtu.tree_map(
         lambda x: jnp.zeros((n_states, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
     )
@@ -201,25 +210,56 @@ def _empty_record(init_state, max_steps: int, k_struct, keep_states: bool) -> Re
     ks = None
     if k_struct is not None:
         ks = jtu.tree_map(lambda x: jnp.zeros((max_steps, *x.shape), x.dtype), k_struct)
-    return Record(ys, zeros_t, zeros_t, zeros_i, zeros_i, zeros_i, zeros_i, ks)
+    pos = stride = None
+    if budget is not None:
+        pos = jnp.full(budget, -1, jnp.int32).at[0].set(0)
+        # c = 1 keeps y_0 alone: a stride beyond the last step says so.
+        stride = jnp.asarray(1 if budget > 1 else max_steps + 1, jnp.int32)
+    return Record(ys, zeros_t, zeros_t, zeros_i, zeros_i, zeros_i, zeros_i, ks, pos, stride)
+
+
+def _keep_budgeted(rec: Record, m: Any, y: Any, accepted: Any, put: Any) -> Record:
+    """``rec`` after offering ``y_m`` (``m >= 1``, kept only if ``accepted``) to the
+    budget's slots: a multiple of the stride is stored; when no slot is free, the states
+    at odd multiples are dropped and the stride doubles first (``y_m`` is then stored only
+    if it is a multiple of the new stride). Slot 0 (``y_0``) is never dropped."""
+    pos, stride = rec.pos, rec.stride
+    assert pos is not None and stride is not None
+    if pos.shape[0] < 2:  # c = 1: y_0 alone
+        return rec
+    due = accepted & (m % stride == 0)
+    full = due & jnp.all(pos >= 0)
+    pos = jnp.where(full & (pos % (2 * stride) != 0), -1, pos)
+    stride = jnp.where(full, 2 * stride, stride)
+    store = due & (m % stride == 0)
+    slot = jnp.argmax(pos < 0)  # a free slot exists whenever `store` holds
+    ys = jtu.tree_map(lambda x, b: put(b, slot, x, store), y, rec.ys)  # y first: the
+    # buffers are not pytrees of arrays
+    pos = pos.at[slot].set(jnp.where(store, m, pos[slot]).astype(pos.dtype))
+    return eqx.tree_at(lambda r: (r.ys, r.pos, r.stride), rec, (ys, pos, stride))
+
+
+def _buffers(rec: Record) -> tuple:
+    return (rec.ys, rec.tprev, rec.tnext, rec.save_before, rec.save_after, rec.ts_before,
+            rec.ts_after, rec.ks)  # fmt: skip
 
 
 def recording_loops(
-    max_steps: int, k_struct: Any, keep_states: bool = True
+    max_steps: int, k_struct: Any, budget: int | None = None
 ) -> tuple[Any, Any, list]:
     """Outer/inner while-loops to hand to diffrax's ``loop``, and a one-element list that
     receives the :class:`Record` once the outer loop has run (the loop's return value is
     diffrax's final state, whose type the caller cannot extend).
 
     ``k_struct`` is the shape of one step's stacked increments when stages are kept, else
-    ``None``. ``keep_states=False`` (a checkpoint budget) records ``y_0`` but no later
-    state: the memory is then ``|y|`` plus ``O(max_steps)`` scalars.
+    ``None``. ``budget=c`` (a checkpoint budget) keeps at most ``c`` states (see
+    :class:`Record`): the memory is then ``c |y|`` plus ``O(max_steps)`` scalars.
     """
     box: list = []
     inner = ft.partial(while_loop, kind="lax")
 
     def outer(cond_fun, body_fun, init_val, *, max_steps: int, buffers):
-        record = _empty_record(init_val, max_steps, k_struct, keep_states)
+        record = _empty_record(init_val, max_steps, k_struct, budget)
 
         def cond(carry):
             return cond_fun(carry[0])
@@ -235,8 +275,8 @@ def recording_loops(
             # `n` is out of range after the last step (clamped writes). The record's
             # arrays are the loop's buffers: under vmap each write then selects one slot
             # per row, not a copy of the whole buffer (equinox's in-place buffers).
-            def put(buf, i, x):
-                return buffer_at_set(buf, i, x, pred=accepted)
+            def put(buf, i, x, pred=accepted):
+                return buffer_at_set(buf, i, x, pred=pred)
 
             sb, tb = _save_index(state.save_state)
             sa, ta = _save_index(new.save_state)
@@ -244,7 +284,7 @@ def recording_loops(
             if ks is not None:
                 ks = jtu.tree_map(lambda k, b: put(b, n, k), new.solver_state[1], ks)
             ys = rec.ys
-            if keep_states:
+            if budget is None:
                 ys = jtu.tree_map(lambda y, b: put(b, n + 1, y), new.y, ys)
             rec = Record(
                 ys=ys,
@@ -255,7 +295,11 @@ def recording_loops(
                 ts_before=put(rec.ts_before, n, tb),
                 ts_after=put(rec.ts_after, n, ta),
                 ks=ks,
+                pos=rec.pos,
+                stride=rec.stride,
             )
+            if budget is not None:
+                rec = _keep_budgeted(rec, n + 1, new.y, accepted, put)
             return new, rec
 
         final_state, rec = while_loop(
@@ -263,7 +307,9 @@ def recording_loops(
             body,
             (init_val, record),
             max_steps=max_steps,
-            buffers=lambda carry: (buffers(carry[0]), carry[1]),
+            # The budget's slot bookkeeping (`pos`, `stride`) is rewritten whole, so it
+            # is loop state, not an in-place buffer.
+            buffers=lambda carry: (buffers(carry[0]), _buffers(carry[1])),
             kind="lax",
         )
         box.append(rec)

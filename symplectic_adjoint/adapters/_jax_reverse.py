@@ -51,9 +51,12 @@ further slots are free". With ``l = b - a``:
 
 The stack therefore reverses the steps in the order ``N-1, ..., 0`` (as the
 ``"states"`` sweep does), and it holds at most ``c`` tasks (each owns the slot of its
-``y_a``). With ``s = f + 1`` stored states including ``y_a``, ``beta(s, r) =
-C(s + r, s)`` and ``r`` the least integer with ``beta(s, r) >= l``, the split
-``m = min(beta(s, r-1), l - beta(s-1, r-1))`` is the binomial (Griewank--Walther
+``y_a``). It starts either with one task ``(0, N, c - 1)`` or, when that replays more,
+with one task per segment between the states the forward pass kept (``_jax_record``),
+``(p_k, p_{k+1}, c - 1 - k)`` with the last segment on top (:func:`_budget_sweep`).
+With ``s = f + 1`` stored states including ``y_a``, ``beta(s, r) = C(s + r, s)`` and
+``r`` the least integer with ``beta(s, r) >= l``, the split ``m = min(beta(s, r-1),
+l - beta(s-1, r-1))`` is the binomial (Griewank--Walther
 revolve) choice: it attains the minimal number of replayed steps ``T(l, f) = min_m [m +
 T(m, f) + T(l-m, f-1)]`` (the core's ``binomial_split``, checked against that recursion
 exhaustively for ``l < 200``, ``f <= 6``). Any ``m`` in ``(a, b)`` gives the same
@@ -71,7 +74,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ..core.checkpointing import binomial_split
+from ..core.checkpointing import binomial_split, segment_replays_traced
 from ..core.step import lincomb, rk_step, rk_step_vjp, stage_input
 from ..core.tableau import ButcherTableau
 from ._diffrax_compat import ω
@@ -569,6 +572,7 @@ def reverse_sweep(
             cond, body, (num_steps - 1, lam, acc0, ts_bars)
         )
     else:
+        rec = checkpoints.record
         (lam, (acc, dir_bar), ts_bars), _ = _budget_sweep(
             checkpoints.budget,
             checkpoints.state(0),
@@ -576,6 +580,7 @@ def reverse_sweep(
             replay,
             step_adjoint,
             (lam, acc0, ts_bars),
+            stored=(rec.ys, rec.pos, rec.stride),
         )
 
     y0 = checkpoints.state(0)
@@ -614,6 +619,8 @@ def _budget_sweep(
     replay: Any,
     step_adjoint: Any,
     carry: tuple[Any, Any, Any],
+    *,
+    stored: tuple[Any, Any, Any] | None = None,
 ) -> tuple[tuple[Any, Any, Any], Any]:
     """Reverse steps ``num_steps-1, ..., 0`` holding at most ``budget`` states.
 
@@ -621,25 +628,59 @@ def _budget_sweep(
     the adjoint of step ``n`` where ``active`` (its old carry elsewhere); ``carry = (lam,
     acc, ts_bar)``. The schedule is the task stack of the module docstring, run inside
     one ``lax.while_loop`` (``num_steps`` is traced; under vmap each row has its own).
+
+    ``stored = (slots, pos, stride)``: what the forward pass kept (``_jax_record``:
+    ``budget`` slots, slot ``j`` holding ``y_{pos[j]}``, every multiple of ``stride`` up
+    to ``num_steps`` held, ``pos[0] = 0``); ``None``: ``y0`` alone. The sweep then starts
+    from whichever of two plans replays fewer steps: one task per segment between
+    consecutive stored states, the last first, the ``k``-th with the ``budget - 1 - k``
+    slots the earlier ones leave free (``sum_k T(l_k, budget - 1 - k)``); or one task
+    from ``y_0`` alone (``T(num_steps, budget - 1)``), which wins when the stride has
+    grown large against the free slots (few states, long solves).
+
     Returns the final ``(lam, acc, ts_bar)`` and the number of replayed steps.
     """
     c = budget
     i32 = jnp.int32
     num_steps = num_steps.astype(i32)
-    # Slot j holds the state y_{pos[j]}; pos[j] = -1 marks a free slot.
-    slots = jtu.tree_map(
-        lambda x: jnp.zeros((c, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
-    )
-    pos = jnp.full(c, -1, i32).at[0].set(0)
+    if stored is None:
+        slots = jtu.tree_map(
+            lambda x: jnp.zeros((c, *jnp.shape(x)), jnp.result_type(x)).at[0].set(x), y0
+        )
+        pos, stride = jnp.full(c, -1, i32).at[0].set(0), num_steps + 1
+    else:
+        slots, pos, stride = stored
+        pos, stride = pos.astype(i32), jnp.maximum(stride.astype(i32), 1)
+
+    # Slot j holds the state y_{pos[j]}; pos[j] = -1 marks a free slot (y_N, if kept,
+    # starts no task).
+    k = jnp.arange(c, dtype=i32)
+    starts = k * stride
+    ends = jnp.minimum(starts + stride, num_steps)
+    segments = starts < num_steps
+    frees = c - 1 - k
+
+    def replays(length, free):
+        return segment_replays_traced(
+            length, free, while_loop=lax.while_loop, where=jnp.where, maximum=jnp.maximum
+        )
+
+    cost_stored = jnp.sum(jnp.where(segments, jax.vmap(replays)(ends - starts, frees), 0))
+    use_stored = cost_stored < replays(num_steps, jnp.asarray(c - 1, i32))
+    only_y0 = jnp.where(k == 0, 0, -1)
+    pos = jnp.where(use_stored, jnp.where(pos < num_steps, pos, -1), only_y0).astype(i32)
     # At most c tasks are pending (each owns the slot of its start state); one spare
-    # entry keeps the masked writes of the last push in range.
+    # entry keeps the masked writes of the last push in range. Task k is segment k, so
+    # the last segment is on top.
     depth = c + 1
-    stack = (
-        jnp.zeros((depth, 3), i32)
-        .at[0]
-        .set(jnp.stack([jnp.asarray(0, i32), num_steps, jnp.asarray(c - 1, i32)]))
+    per_segment = jnp.stack([starts, ends, frees], axis=1)
+    from_y0 = jnp.where(
+        (k == 0)[:, None], jnp.stack([jnp.asarray(0, i32), num_steps, jnp.asarray(c - 1, i32)]), 0
     )
-    top = jnp.where(num_steps > 0, 1, 0).astype(i32)
+    stack = jnp.zeros((depth, 3), i32).at[:c].set(jnp.where(use_stored, per_segment, from_y0))
+    top = jnp.where(
+        num_steps > 0, jnp.where(use_stored, jnp.sum(segments.astype(i32)), 1), 0
+    ).astype(i32)
 
     # As in the "states" sweep: under vmap the loop runs while any row has tasks left
     # (an unbatched predicate), and a row with none changes nothing.

@@ -152,22 +152,30 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
       are recomputed from ``y_n`` in the backward pass.
     - `"stages"`: also keeps the ``s`` increments ``K_i`` (``(1 + s) max_steps |y|``);
       nothing is recomputed.
-    - an int ``c >= 1``: a budget. The forward pass keeps ``y_0`` and the recorded times
-      (``O(max_steps)`` scalars); the backward pass holds at most ``c`` states and
-      replays steps from them.
+    - an int ``c >= 1``: a budget. The forward pass keeps at most ``c`` states and the
+      recorded times (``O(max_steps)`` scalars); the backward pass holds at most ``c``
+      states and replays steps from them.
 
     Under a budget the backward pass rebuilds ``y_n`` by replaying the recorded steps
     ``y_{n+1} = y_n + sum_i b_i K_i`` with the recorded ``t_n, t_{n+1}`` (never the
     step-size controller, so adaptive solves replay exactly their accepted steps), on
     the binomial (revolve) schedule: with ``r`` the least integer with
     ``C(c + r, c) >= N``, each step is replayed at most ``r`` times. The gradient is the
-    ``"states"`` one to rounding. The PyTorch adapter stores states during its forward
-    pass (an online schedule when the step count is unknown); here the step count ``N``
-    is a traced value, unknown until the forward loop has ended, so no schedule can be
-    applied inside that loop: the forward pass keeps only ``y_0``, and the backward pass
-    replays from ``y_0`` (and from the states it stores on the way), holding at most
-    ``c`` stored states of size ``|y|`` besides the working one. The first replay sweep
-    thus re-runs the forward steps once more than PyTorch's schedule would.
+    ``"states"`` one to rounding. The step count ``N`` is a traced value, unknown until
+    the forward loop has ended, so the forward pass keeps states by a rule that needs
+    no ``N``: ``y_0`` and every multiple of a stride that doubles whenever the ``c``
+    slots are full (the odd multiples are then dropped), i.e. ``y_0`` and at least
+    ``c / 2`` evenly spaced states. The backward pass then takes whichever plan replays
+    fewer steps: the segments between those states, the last first, each with the
+    slots the earlier ones leave free; or the binomial schedule from ``y_0`` alone
+    (better when ``N`` is long against ``c``: few slots, a long stride). It holds at
+    most ``c`` stored states of size ``|y|`` besides the working one. (Measured on the
+    stiff benchmark, Kvaerno5 with N = 200 and ``c = 60``: 150 replays of the segment
+    plan against 338 from ``y_0``; the gradient took 0.95x the time of
+    ``RecursiveCheckpointAdjoint(checkpoints=N)`` instead of 1.19x, at the same memory.)
+    The PyTorch adapter's online schedule (:class:`~symplectic_adjoint.core.checkpointing.
+    OnlineCheckpointer`) chooses its states more carefully; it needs integer arithmetic
+    per step that a traced loop would pay for at every step.
 
     **Cost per accepted step**: ``checkpoint="states"`` stores ``y_n`` and recomputes the
     stages (``s`` evaluations) before the ``s`` stage VJPs; ``checkpoint="stages"`` also
@@ -332,8 +340,8 @@ SymplecticAdjoint.__init__.__doc__ = """**Arguments:**
     accepted step (`max_steps` states of memory); the stages are recomputed in the
     backward pass. `"stages"`: also the stage increments of every step (`(1 + s)` times
     the memory, no recompute). An int `c >= 1`: a budget of `c` states; the forward pass
-    keeps `y_0` only and the backward pass replays the recorded steps on a binomial
-    schedule (see the class docstring).
+    keeps `y_0` and evenly spaced states in `c` slots, and the backward pass replays the
+    recorded steps from them (see the class docstring).
 """
 
 
@@ -488,8 +496,8 @@ def _forward(diff, *, self, solver, saveat, init_state, record, max_steps, detac
             solver = eqx.tree_at(lambda s: s.scan_kind, solver, "lax", is_leaf=_is_none)
         if keep_k or detach:
             solver = StageKeepingSolver(solver, keep_k=keep_k, detach=detach)
-        keep_states = isinstance(self.checkpoint, str)
-        outer, inner, box = recording_loops(max_steps, k_struct, keep_states)
+        budget = None if isinstance(self.checkpoint, str) else self.checkpoint
+        outer, inner, box = recording_loops(max_steps, k_struct, budget)
     final_state, aux_stats = self._loop(
         args=args,
         terms=terms,

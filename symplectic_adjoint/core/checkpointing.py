@@ -72,6 +72,7 @@ __all__ = [
     "offline_schedule",
     "reverse_replays",
     "segment_replays",
+    "segment_replays_traced",
     "store_all_schedule",
     "validate_checkpoint",
 ]
@@ -167,6 +168,29 @@ def segment_replays(length: int, free: int) -> int:
     if length < 0 or free < 0:
         raise ValueError(f"need length >= 0 and free >= 0 (got {length}, {free})")
     return 0 if length <= 1 else binomial_forward_steps(length, free + 1)
+
+
+def segment_replays_traced(
+    length: Any,
+    free: Any,
+    *,
+    while_loop: Callable,
+    where: Callable[[Any, Any, Any], Any],
+    maximum: Callable[[Any, Any], Any],
+) -> Any:
+    """:func:`segment_replays` ``(length, free)`` on integers that may be traced arrays
+    (``jax.lax.while_loop``, ``jnp.where``, ``jnp.maximum``), for any ``length >= 0`` and
+    ``free >= 0`` without validation: ``0`` for ``length <= 1``, ``length (length - 1) /
+    2`` for ``free = 0``, else :func:`binomial_forward_steps` ``(length, free + 1)``.
+
+    The JAX adapter evaluates it when the step count is known only inside a traced
+    program (which of two reverse plans replays fewer steps). Overflow bound as for
+    :func:`binomial_split`."""
+    s = maximum(free + 1, 2)  # the free = 0 case is the closed form below; no long loop
+    r, beta = _repetitions(maximum(length, 1), s, while_loop)
+    general = r * length - beta * r // (s + 1)
+    quadratic = length * (length - 1) // 2
+    return where(length <= 1, 0 * length, where(free == 0, quadratic, general))
 
 
 def offline_replays(n: int, c: int) -> int:
