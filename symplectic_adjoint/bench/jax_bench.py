@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from symplectic_adjoint import SymplecticAdjoint
 
-from .protocol import BUDGETS, JAX_BATCH, JAX_DIM, JAX_STEPS, JAX_WIDTH, REPEATS
+from .protocol import BUDGETS, JAX_BATCH, JAX_DIM, JAX_STEPS, JAX_WIDTH, REPEATS, STIFF_JAX_BUDGET
 
 BATCH, DIM, WIDTH = JAX_BATCH, JAX_DIM, JAX_WIDTH
 #: The reference of the ratios: diffrax's backprop through the solver loop, one
@@ -196,6 +196,7 @@ def stiff_methods(n: int) -> dict[str, diffrax.AbstractAdjoint]:
         STIFF_REFERENCE: diffrax.RecursiveCheckpointAdjoint(checkpoints=n),
         "Symplectic (states)": SymplecticAdjoint(),
         "Symplectic (stages)": SymplecticAdjoint(checkpoint="stages"),
+        f"Symplectic (c={STIFF_JAX_BUDGET})": SymplecticAdjoint(checkpoint=STIFF_JAX_BUDGET),
         "RecursiveCheckpoint() default": diffrax.RecursiveCheckpointAdjoint(),
     }
 

@@ -27,6 +27,9 @@ STIFF_BATCH, STIFF_DIM, STIFF_WIDTH, STIFF_DECAY = 64, 8, 64, 1000.0
 STIFF_STEPS = (50, 200, 800)
 #: torch: Newton's relative and absolute tolerance (float64; both methods, all N).
 STIFF_NEWTON_TOL = 1e-10
+#: jax: the stiff suite's budget row, ``SymplecticAdjoint(checkpoint=STIFF_JAX_BUDGET)``
+#: (the same ``c`` at every N: memory flat in N, replays growing with it).
+STIFF_JAX_BUDGET = 40
 #: ``--suite budget`` (issue 16): ``checkpoint=BUDGET_C`` at large N on a tiny field.
 BUDGET_C, BUDGET_DIM = 10, 16
 BUDGET_STEPS = (1279, 2559, 5119, 10239, 20000)
