@@ -84,3 +84,14 @@ def test_bench_suite_quick_prints_its_table(suite, backend, ref, first, extra, t
     if suite == "budget":  # the fixed grid replays the binomial optimum exactly
         fixed = [r for r in rows if r["case"] == "rk4" and r["method"] != first]
         assert fixed and all(r["replayed"] == r["formula"] for r in fixed)
+
+
+def test_torch_stiff_memory_in_a_fresh_process_is_the_same_figure():
+    """The full torch stiff suite measures each peak in its own process (the profiler's
+    memory is not returned to the system); the figure must not depend on that."""
+    pytest.importorskip("torch")
+    from symplectic_adjoint.bench.torch_suites import isolated, stiff_peak_memory
+
+    here = stiff_peak_memory(4, "trbdf2", "symplectic stages")
+    assert here > 0
+    assert isolated(stiff_peak_memory, 4, "trbdf2", "symplectic stages") == here

@@ -164,8 +164,9 @@ def _measure(backend: str, args: argparse.Namespace, tick: Callable[[str], None]
     if args.suite == "stiff" and backend == "torch":
         from .torch_suites import measure_stiff
 
+        # Quick runs measure memory in-process (tiny N: the profiler's events are small).
         return measure_stiff(steps=args.steps or (p.QUICK_STIFF_STEPS if quick else p.STIFF_STEPS),
-                             repeats=repeats, progress=tick)  # fmt: skip
+                             repeats=repeats, progress=tick, isolate=not quick)  # fmt: skip
     if args.suite == "stiff":
         from .jax_bench import measure_stiff as measure_jax_stiff
 

@@ -23,6 +23,7 @@ Memory: ``torch.profiler`` allocator peak (the README's measurement protocol); t
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -67,12 +68,56 @@ def _stiff_cases(steps: Sequence[int]) -> list[dict]:
     newton = dict(per_sample=True, newton_rtol=STIFF_NEWTON_TOL, newton_atol=STIFF_NEWTON_TOL)
     cases = []
     for n in steps:
-        cases.append(dict(case="trbdf2", method="trbdf2",
+        cases.append(dict(case="trbdf2", method="trbdf2", steps=n,
                           kw=dict(options=dict(newton, step_size=1.0 / n))))  # fmt: skip
         held = dict(newton, first_step=1.0 / n, max_step=1.0 / n)
-        cases.append(dict(case="kvaerno5", method="kvaerno5",
+        cases.append(dict(case="kvaerno5", method="kvaerno5", steps=n,
                           kw=dict(rtol=_ACCEPT_ALL, atol=_ACCEPT_ALL, options=held)))  # fmt: skip
     return cases
+
+
+def _stiff_problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, tuple]:
+    """``(field, y0, t, params)`` of the stiff suite (deterministic: fixed seeds)."""
+    field = make_stiff_field()
+    gen = torch.Generator().manual_seed(1)
+    y0 = 0.5 * torch.randn(STIFF_BATCH, STIFF_DIM, generator=gen, dtype=torch.float64)
+    y0.requires_grad_(True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    return field, y0, t, (y0, *field.parameters())
+
+
+def _stiff_gradients(case: dict, problem: tuple) -> dict[str, Callable[[], Any]]:
+    """Method name -> one gradient of ``sum(y(1)^2)`` in ``(y0, params)``."""
+    field, y0, t, params = problem
+    fns = {}
+    for name in STIFF_METHODS:
+        adjoint, checkpoint = ("backprop", "states") if name == "backprop" else \
+            ("symplectic", name.split()[-1])  # fmt: skip
+        kw = dict(method=case["method"], adjoint=adjoint, checkpoint=checkpoint)
+
+        def gradient(kw: dict = kw, extra: dict = case["kw"]) -> tuple[torch.Tensor, ...]:
+            ys = odeint(field, y0, t, **kw, **_copy(extra))
+            return torch.autograd.grad(ys[-1].square().sum(), params)
+
+        fns[name] = gradient
+    return fns
+
+
+def stiff_peak_memory(steps: int, case: str, method: str) -> int:
+    """:func:`~.torch_bench.peak_memory` of one gradient of the stiff suite's ``case`` at
+    ``steps`` steps by ``method`` (bytes), in this process."""
+    torch.set_num_threads(1)
+    spec = next(c for c in _stiff_cases([steps]) if c["case"] == case)
+    return peak_memory(_stiff_gradients(spec, _stiff_problem())[method])
+
+
+def isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a fresh (spawned) process. Why: ``torch.profiler`` keeps every
+    event of a measurement, and the process keeps that memory after it (measured: one
+    kvaerno5 gradient at N = 800 with ``checkpoint="states"`` leaves 8.2 GiB resident),
+    so the full stiff suite in one process outgrows a 24 GiB machine."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def measure_stiff(
@@ -80,35 +125,29 @@ def measure_stiff(
     steps: Sequence[int] = STIFF_STEPS,
     repeats: int = REPEATS,
     progress: Callable[[str], None] | None = None,
+    isolate: bool = True,
 ) -> list[dict]:
-    """One row per case and method; ratios to backprop through Newton (issue 14)."""
+    """One row per case and method; ratios to backprop through Newton (issue 14).
+
+    ``isolate``: each memory measurement in its own process (:func:`isolated`; the
+    figures are the same, the profiler's memory is returned after each)."""
     torch.set_num_threads(1)
     tick = progress or (lambda message: None)
-    field = make_stiff_field()
-    gen = torch.Generator().manual_seed(1)
-    y0 = 0.5 * torch.randn(STIFF_BATCH, STIFF_DIM, generator=gen, dtype=torch.float64)
-    y0.requires_grad_(True)
-    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    params = (y0, *field.parameters())
+    problem = _stiff_problem()
+    field, y0, t, _ = problem
     rows: list[dict] = []
     for case in _stiff_cases(steps):
         stats = SolveStats()
         with torch.no_grad():
             odeint(field, y0, t, method=case["method"], stats=stats, **_copy(case["kw"]))
         n = stats.n_steps
-        fns = {}
-        for name in STIFF_METHODS:
-            adjoint, checkpoint = ("backprop", "states") if name == "backprop" else \
-                ("symplectic", name.split()[-1])  # fmt: skip
-            kw = dict(method=case["method"], adjoint=adjoint, checkpoint=checkpoint)
-
-            def gradient(kw: dict = kw, extra: dict = case["kw"]) -> tuple[torch.Tensor, ...]:
-                ys = odeint(field, y0, t, **kw, **_copy(extra))
-                return torch.autograd.grad(ys[-1].square().sum(), params)
-
-            fns[name] = gradient
+        fns = _stiff_gradients(case, problem)
         tick(f"torch stiff {case['case']} N={n}: memory")
-        memory = {name: peak_memory(fn) for name, fn in fns.items()}
+        memory = {
+            name: isolated(stiff_peak_memory, case["steps"], case["case"], name) if isolate
+            else peak_memory(fn)
+            for name, fn in fns.items()
+        }  # fmt: skip
         tick(f"torch stiff {case['case']} N={n}: timing")
         times = _interleaved(fns, repeats)
         grads = {name: fn() for name, fn in fns.items()}
