@@ -6,6 +6,9 @@
 are written out by hand for the fields simple enough to do so (:data:`VJPS`); this is
 a third implementation, independent of both autodiff systems.
 
+:func:`solve_event_core` is the same for a terminating event: the event time by Newton on
+the core interpolant, its gradient by the implicit function theorem.
+
 :func:`linear_oracle` is the exact discrete gradient of ``y' = A y``: one step of any
 explicit RK method is ``y -> M y`` with ``M = R(hA)``, ``R`` the stability polynomial
 ``R(z) = sum_p r_p z^p`` (``r_0 = 1``, ``r_p = b^T a^{p-1} 1``). With ``lam`` the
@@ -27,11 +30,12 @@ from symplectic_adjoint.core.implicit_step import (
     newton_coupled_solve,
     newton_stage_solve,
 )
+from symplectic_adjoint.core.interpolants import diffrax_interpolant, torchdiffeq_interpolant
 
-from ..cases import NEWTON_TOL, Case, Solver
+from ..cases import NEWTON_TOL, Case, EventCase, Solver, event_value
 from . import Result
 
-__all__ = ["VJPS", "linear_oracle", "solve_core", "stability_coefficients"]
+__all__ = ["VJPS", "linear_oracle", "solve_core", "solve_event_core", "stability_coefficients"]
 
 Params = Mapping[str, np.ndarray]
 #: ``vjp(t, y, p, ybar) -> (y_bar, {name: p_bar})`` of ``f(t, y, p)``.
@@ -315,3 +319,103 @@ def linear_oracle(case: Case, solver: Solver) -> Result:
         if p > 0
     )
     return Result(ys=(ys,), grads={"y0": lam, "p.A": A_bar})
+
+
+# --------------------------------------------------------------------------- events
+
+
+def solve_event_core(ev: EventCase, solver: Solver, host: str) -> Result:
+    """A terminating event with the core kernels: steps of ``h`` until
+    :func:`~conformance.cases.event_value` changes sign over a step, the event time ``t*``
+    as the root of ``g(t, I(t))`` on the step's interpolant ``I`` (Newton with the exact
+    derivative, to rounding), and the discrete adjoint of ``w_t t* + <w_y, I(t*)>``.
+
+    The event time's gradient is the implicit function theorem's, with the slope of the
+    state at ``t*`` taken as each host takes it (so there are two references):
+    ``host="torch"``: ``f(t*, y*)``, as torchdiffeq 0.2.5's ``odeint_event`` reroutes it
+    (``ImplicitFnGradientRerouting``, its ``1e-12`` in the denominator included);
+    ``host="jax"``: the interpolant's own slope ``I'(t*)``, what diffrax 0.7.2 (Event with
+    a root finder, optimistix's implicit adjoint) differentiates. With ``u = dg/dy``,
+    ``s = dg/dt`` and that slope ``v``, the cotangent reaching ``I``'s inputs is ``w_y -
+    (w_t + <w_y, v>) / (s + <u, v>) u``; the interpolant is linear in ``(y_n, k)``
+    (:class:`~symplectic_adjoint.core.dense.DenseOutput`), so its VJP feeds the event
+    step's ``y0_bar``/``k_bar`` and the sweep continues as in :func:`solve_core`.
+    """
+    case = ev.case
+    if case.numpy_vjp is None or solver.grid != "forced" or host not in ("torch", "jax"):
+        raise ValueError(f"no NumPy event reference for {case.name}, {solver.name}, {host}")
+    tab = get_tableau(solver.tableau)
+    dense = (
+        torchdiffeq_interpolant(solver.torch_method)
+        if host == "torch"
+        else diffrax_interpolant(solver.diffrax_solver)
+    )
+    f, p, h, t0 = case.field, case.params, case.signed_h, float(case.t[0])
+    vjp = VJPS[case.numpy_vjp]
+    e = ev.event
+
+    def g(t: float, y: np.ndarray) -> float:
+        return float(event_value(np.float64(t), y, e))
+
+    # Forward: whole steps until g changes sign over one.
+    y = np.array(case.y0, dtype=np.float64)
+    ys, stages, slopes = [y], [], []
+    n = 0
+    while True:
+        if n >= ev.max_steps:
+            raise AssertionError(f"{ev.name}: no event before t = {ev.t_end}")
+        out = rk_step(tab, lambda i, X, tn=t0 + n * h: f(tn + tab.c[i] * h, X, p), y, h)
+        stages.append(out.X)
+        slopes.append(out.k)
+        crossed = np.sign(g(t0 + n * h, y)) != np.sign(g(t0 + (n + 1) * h, out.y1))
+        y = out.y1
+        ys.append(y)
+        if crossed:
+            break
+        n += 1
+    y_n, k, tn = ys[n], slopes[n], t0 + n * h
+    u, s = e["u"], float(e["s"])
+
+    def interp(theta: float) -> np.ndarray:
+        return dense.evaluate(y_n, k, h, theta)
+
+    def interp_slope(theta: float) -> np.ndarray:  # dI/dt
+        return sum(w * ki for w, ki in zip(dense.dweights(theta), k, strict=False))
+
+    # Newton on G(theta) = g(t_n + theta h, I(theta)), from the step's end; G is smooth
+    # and monotone near its root here, so it converges quadratically to rounding.
+    theta = 1.0
+    for _ in range(50):
+        G = g(tn + theta * h, interp(theta))
+        dG = h * (s + float(np.sum(u * interp_slope(theta))))
+        step = G / dG
+        theta -= step
+        if abs(step) <= 1e-16:
+            break
+    t_star, y_star = tn + theta * h, interp(theta)
+
+    # The cotangent on the interpolant's inputs (t* held), then its linear VJP.
+    if host == "torch":
+        v = f(t_star, y_star, p)
+        lam_star = (
+            ev.w_y - (ev.w_t + float(np.sum(ev.w_y * v))) / (s + float(np.sum(u * v)) + 1e-12) * u
+        )
+    else:
+        v = interp_slope(theta)
+        lam_star = ev.w_y - (ev.w_t + float(np.sum(ev.w_y * v))) / (s + float(np.sum(u * v))) * u
+    k_bar, _, _ = dense.vjp(lam_star, k, h, theta)
+
+    pbar = {name: np.zeros_like(val) for name, val in p.items()}
+    lam: np.ndarray | None = None
+    for m in reversed(range(n + 1)):
+        tm = t0 + m * h
+
+        def stage_vjp(i: int, X: np.ndarray, kb: np.ndarray, carry: dict, tm: float = tm):
+            yb, pb = vjp(tm + tab.c[i] * h, X, p, kb)
+            return yb, None, {name: carry[name] + pb[name] for name in carry}
+
+        extra = dict(k_bar=k_bar, y0_bar=lam_star) if m == n else {}
+        back = rk_step_vjp(tab, stage_vjp, lam, stages[m], h, carry=pbar, **extra)
+        lam, pbar = back.y0_bar, back.carry
+    grads = {"y0": lam, **{f"p.{name}": val for name, val in pbar.items()}}
+    return Result(ys=(np.array([t_star]), y_star), grads=grads, steps=(h,) * (n + 1))
