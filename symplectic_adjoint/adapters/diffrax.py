@@ -70,6 +70,10 @@ def _with_ts(saveat, ts: list):
     return eqx.tree_at(lambda s: [x.ts for x in _subs(s)], saveat, ts, is_leaf=_is_none)
 
 
+def _checkpoint_mode(checkpoint: Any) -> str | int:
+    return validate_checkpoint(checkpoint, where="SymplecticAdjoint(checkpoint=...)")
+
+
 class SymplecticAdjoint(diffrax.AbstractAdjoint):
     """Backpropagate through [`diffrax.diffeqsolve`][] exactly, at the memory of one
     stored state per step, by the symplectic adjoint method.
@@ -191,13 +195,17 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     cotangents are per row (as for any custom VJP under vmap) and are updated in place.
     """
 
-    checkpoint: Literal["states", "stages"] | int = eqx.field(default="states", static=True)
+    # Normalised on construction (a NumPy integer budget becomes a Python int): the budget
+    # sizes static buffers and enters the traced schedule arithmetic, where a NumPy
+    # int64 would promote the int32 counters under x64.
+    checkpoint: Literal["states", "stages"] | int = eqx.field(
+        default="states", static=True, converter=_checkpoint_mode
+    )
     # The transposed stage systems of implicit solvers: None (dense LU), "gmres" or a lineax
     # solver (see the class docstring).
     linear_solver: Any = eqx.field(default=None, static=True)
 
     def __check_init__(self):
-        validate_checkpoint(self.checkpoint, where="SymplecticAdjoint(checkpoint=...)")
         if isinstance(self.linear_solver, str) and self.linear_solver != "gmres":
             raise ValueError(
                 "`SymplecticAdjoint(linear_solver=...)` takes None (dense), 'gmres', "
