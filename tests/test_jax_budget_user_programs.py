@@ -311,3 +311,32 @@ def test_budget_memory_is_one_state_per_slot():
     ten, many = temp_states(10), temp_states(500)
     assert ten <= 26, ten
     assert many - ten <= 191.25, (ten, many)
+
+
+@pytest.mark.parametrize(
+    ("budget", "steps"),
+    [(2, 131071), (2, 100000), (4, 300000), (3, 40), (6, 1000), (1000, 5000)],
+)
+def test_plan_choice_at_long_solves(budget, steps):
+    """The reverse sweep's choice between the stored segments and ``y_0`` alone follows
+    the exact replay counts (Python integers) for long solves too. With 2 slots and
+    131071 steps (kept: y_0, y_65536) the last segment has no free slot: 2.1e9 replays,
+    which wrapped in int32 to a negative count and picked that plan over 4.5e7 replays
+    from y_0."""
+    from symplectic_adjoint.adapters._jax_reverse import _plan_replays
+    from symplectic_adjoint.core.checkpointing import segment_replays
+
+    stride = 1
+    while (steps // stride) + 1 > budget:  # the forward layout's final stride
+        stride *= 2
+    starts = range(0, steps, stride)
+    assert len(starts) <= budget
+    exact_stored = sum(
+        segment_replays(min(a + stride, steps) - a, budget - 1 - k) for k, a in enumerate(starts)
+    )
+    exact_y0 = segment_replays(steps, budget - 1)
+    cost_stored, cost_y0 = jax.jit(_plan_replays, static_argnums=0)(
+        budget, jnp.asarray(steps, jnp.int32), jnp.asarray(stride, jnp.int32)
+    )
+    assert bool(cost_stored < cost_y0) == (exact_stored < exact_y0)
+    assert float(cost_y0) == pytest.approx(exact_y0, rel=1e-7)
