@@ -612,6 +612,45 @@ def reverse_sweep(
     return lam, args_bar, terms_bar, ts_bars, dir_bar, t0_bar, fn_bars
 
 
+def _segments(c: int, num_steps: Any, stride: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """Segment ``k`` of the stored plan: ``[starts[k], ends[k])`` between the kept
+    ``y_{k stride}`` and the next kept state (or ``y_N``), present where ``segments[k]``,
+    reversed with ``frees[k] = c - 1 - k`` free slots (int32 arrays of length ``c``)."""
+    k = jnp.arange(c, dtype=jnp.int32)
+    starts = k * stride
+    ends = jnp.minimum(starts + stride, num_steps)
+    return k, starts, ends, starts < num_steps, c - 1 - k
+
+
+# The largest l with l (l - 1) < 2^31: past it a segment reversed without a free slot
+# (l (l - 1) / 2 replays) has a count that int32 cannot hold.
+_QUADRATIC_MAX = 46341
+
+
+def _plan_replays(c: int, num_steps: Any, stride: Any) -> tuple[Any, Any]:
+    """Replays of the two plans of :func:`_budget_sweep`: the segments between the states
+    kept at multiples of ``stride``, and ``y_0`` alone (float32, to compare).
+
+    A segment reversed without a free slot past ``_QUADRATIC_MAX`` steps counts
+    ``2^31 - 1`` (its true count leaves int32, and a wrapped one could come out small or
+    negative and pick a plan replaying orders of magnitude more); the sum is taken in
+    float32, which holds ``c`` such counts (exact below ``2^24``; above, a rounding can
+    only swap plans within a relative ``6e-8`` of each other). Within
+    :func:`binomial_split`'s bound the other counts fit int32.
+    """
+
+    def replays(length, free):
+        count = segment_replays_traced(
+            length, free, while_loop=lax.while_loop, where=jnp.where, maximum=jnp.maximum
+        )
+        wraps = (free == 0) & (length > _QUADRATIC_MAX)
+        return jnp.where(wraps, 2**31 - 1, count).astype(jnp.float32)
+
+    _, starts, ends, segments, frees = _segments(c, num_steps, stride)
+    cost_stored = jnp.sum(jnp.where(segments, jax.vmap(replays)(ends - starts, frees), 0))
+    return cost_stored, replays(num_steps, jnp.asarray(c - 1, jnp.int32))
+
+
 def _budget_sweep(
     budget: int,
     y0: Any,
@@ -654,19 +693,9 @@ def _budget_sweep(
 
     # Slot j holds the state y_{pos[j]}; pos[j] = -1 marks a free slot (y_N, if kept,
     # starts no task).
-    k = jnp.arange(c, dtype=i32)
-    starts = k * stride
-    ends = jnp.minimum(starts + stride, num_steps)
-    segments = starts < num_steps
-    frees = c - 1 - k
-
-    def replays(length, free):
-        return segment_replays_traced(
-            length, free, while_loop=lax.while_loop, where=jnp.where, maximum=jnp.maximum
-        )
-
-    cost_stored = jnp.sum(jnp.where(segments, jax.vmap(replays)(ends - starts, frees), 0))
-    use_stored = cost_stored < replays(num_steps, jnp.asarray(c - 1, i32))
+    k, starts, ends, segments, frees = _segments(c, num_steps, stride)
+    cost_stored, cost_y0 = _plan_replays(c, num_steps, stride)
+    use_stored = cost_stored < cost_y0
     only_y0 = jnp.where(k == 0, 0, -1)
     pos = jnp.where(use_stored, jnp.where(pos < num_steps, pos, -1), only_y0).astype(i32)
     # At most c tasks are pending (each owns the slot of its start state); one spare

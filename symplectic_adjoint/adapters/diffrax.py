@@ -70,6 +70,10 @@ def _with_ts(saveat, ts: list):
     return eqx.tree_at(lambda s: [x.ts for x in _subs(s)], saveat, ts, is_leaf=_is_none)
 
 
+def _checkpoint_mode(checkpoint: Any) -> str | int:
+    return validate_checkpoint(checkpoint, where="SymplecticAdjoint(checkpoint=...)")
+
+
 class SymplecticAdjoint(diffrax.AbstractAdjoint):
     """Backpropagate through [`diffrax.diffeqsolve`][] exactly, at the memory of one
     stored state per step, by the symplectic adjoint method.
@@ -154,7 +158,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
       nothing is recomputed.
     - an int ``c >= 1``: a budget. The forward pass keeps at most ``c`` states and the
       recorded times (``O(max_steps)`` scalars); the backward pass holds at most ``c``
-      states and replays steps from them.
+      states and replays steps from them. (``c > max_steps + 1`` holds ``max_steps + 1``:
+      every state, the memory of `"states"`.)
 
     Under a budget the backward pass rebuilds ``y_n`` by replaying the recorded steps
     ``y_{n+1} = y_n + sum_i b_i K_i`` with the recorded ``t_n, t_{n+1}`` (never the
@@ -191,13 +196,17 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     cotangents are per row (as for any custom VJP under vmap) and are updated in place.
     """
 
-    checkpoint: Literal["states", "stages"] | int = eqx.field(default="states", static=True)
+    # Normalised on construction (a NumPy integer budget becomes a Python int): the budget
+    # sizes static buffers and enters the traced schedule arithmetic, where a NumPy
+    # int64 would promote the int32 counters under x64.
+    checkpoint: Literal["states", "stages"] | int = eqx.field(
+        default="states", static=True, converter=_checkpoint_mode
+    )
     # The transposed stage systems of implicit solvers: None (dense LU), "gmres" or a lineax
     # solver (see the class docstring).
     linear_solver: Any = eqx.field(default=None, static=True)
 
     def __check_init__(self):
-        validate_checkpoint(self.checkpoint, where="SymplecticAdjoint(checkpoint=...)")
         if isinstance(self.linear_solver, str) and self.linear_solver != "gmres":
             raise ValueError(
                 "`SymplecticAdjoint(linear_solver=...)` takes None (dense), 'gmres', "
@@ -450,6 +459,15 @@ def _loop_symplectic(diff, *, self, tableau, solver, saveat, init_state, **kwarg
     return final_state, aux_stats
 
 
+def _budget(self: SymplecticAdjoint, max_steps: int) -> int | None:
+    """The states a budget holds (``None``: not a budget): ``c``, but at most the
+    ``max_steps + 1`` states a solve has. More slots would never fill (the forward pass
+    keeps every state once ``c > N``) yet be allocated, each of size ``|y|``."""
+    if isinstance(self.checkpoint, str):
+        return None
+    return min(self.checkpoint, max_steps + 1)
+
+
 def _forward(diff, *, self, solver, saveat, init_state, record, max_steps, detach=False, **kwargs):
     y, args, terms, ts, times, fns = diff
     saveat = _with_fns(saveat, fns)
@@ -496,8 +514,7 @@ def _forward(diff, *, self, solver, saveat, init_state, record, max_steps, detac
             solver = eqx.tree_at(lambda s: s.scan_kind, solver, "lax", is_leaf=_is_none)
         if keep_k or detach:
             solver = StageKeepingSolver(solver, keep_k=keep_k, detach=detach)
-        budget = None if isinstance(self.checkpoint, str) else self.checkpoint
-        outer, inner, box = recording_loops(max_steps, k_struct, budget)
+        outer, inner, box = recording_loops(max_steps, k_struct, _budget(self, max_steps))
     final_state, aux_stats = self._loop(
         args=args,
         terms=terms,
@@ -653,9 +670,7 @@ def _loop_symplectic_bwd(
         has_k=type(solver) not in _NO_K,
         terms=terms,
         args=args,
-        checkpoints=Checkpoints(
-            record, None if isinstance(self.checkpoint, str) else self.checkpoint
-        ),
+        checkpoints=Checkpoints(record, _budget(self, kwargs["max_steps"])),
         num_steps=num_steps,
         outputs=outputs,
         dense_bar=dense_bar,

@@ -185,7 +185,8 @@ def segment_replays_traced(
 
     The JAX adapter evaluates it when the step count is known only inside a traced
     program (which of two reverse plans replays fewer steps). Overflow bound as for
-    :func:`binomial_split`."""
+    :func:`binomial_split` when ``free >= 1``; the ``free = 0`` count ``length (length -
+    1) / 2`` leaves int32 past ``length = 46341`` (the adapter saturates it)."""
     s = maximum(free + 1, 2)  # the free = 0 case is the closed form below; no long loop
     r, beta = _repetitions(maximum(length, 1), s, while_loop)
     general = r * length - beta * r // (s + 1)
