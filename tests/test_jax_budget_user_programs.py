@@ -340,3 +340,20 @@ def test_plan_choice_at_long_solves(budget, steps):
     )
     assert bool(cost_stored < cost_y0) == (exact_stored < exact_y0)
     assert float(cost_y0) == pytest.approx(exact_y0, rel=1e-7)
+
+
+def test_budget_refuses_a_max_steps_beyond_its_int32_schedule():
+    """Past the int32 range of the traced schedule the backward pass could loop forever
+    (a wrapped split): refused at trace time, naming the alternatives."""
+    term = diffrax.ODETerm(lambda t, y, args: -y)
+
+    def loss(y0, max_steps):
+        sol = diffrax.diffeqsolve(
+            term, diffrax.Tsit5(), 0.0, 1.0, 0.5, y0, max_steps=max_steps,
+            adjoint=SymplecticAdjoint(checkpoint=4),
+        )  # fmt: skip
+        return jnp.sum(sol.ys)
+
+    with pytest.raises(ValueError, match="int32.*max_steps.*RecursiveCheckpointAdjoint"):
+        jax.grad(loss)(jnp.ones(2), 3_000_000)
+    assert jnp.isfinite(jax.grad(loss)(jnp.ones(2), 1_000_000)).all()  # within the range

@@ -20,6 +20,7 @@ adjoint of Matsubara, Miyatake & Yaguchi (NeurIPS 2021).
 
 from __future__ import annotations
 
+from math import isqrt
 from typing import Any, Literal
 
 import diffrax
@@ -159,7 +160,9 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     - an int ``c >= 1``: a budget. The forward pass keeps at most ``c`` states and the
       recorded times (``O(max_steps)`` scalars); the backward pass holds at most ``c``
       states and replays steps from them. (``c > max_steps + 1`` holds ``max_steps + 1``:
-      every state, the memory of `"states"`.)
+      every state, the memory of `"states"`.) The schedule runs in int32 inside the
+      traced program: ``max_steps * (c + sqrt(2 max_steps) + 2) < 2^31`` is required
+      (about ``max_steps <= 10^6`` for small ``c``), a `ValueError` at trace time otherwise.
 
     Under a budget the backward pass rebuilds ``y_n`` by replaying the recorded steps
     ``y_{n+1} = y_n + sum_i b_i K_i`` with the recorded ``t_n, t_{n+1}`` (never the
@@ -465,7 +468,19 @@ def _budget(self: SymplecticAdjoint, max_steps: int) -> int | None:
     keeps every state once ``c > N``) yet be allocated, each of size ``|y|``."""
     if isinstance(self.checkpoint, str):
         return None
-    return min(self.checkpoint, max_steps + 1)
+    c = min(self.checkpoint, max_steps + 1)
+    # The traced schedule's int32 products stay below length * (s + r) (the core's
+    # `binomial_split`), at most max_steps * (c + sqrt(2 max_steps) + 2); past 2^31 they
+    # would wrap and the backward pass's split loop might never end.
+    if max_steps * (c + isqrt(2 * max_steps) + 2) >= 2**31:
+        raise ValueError(
+            f"`SymplecticAdjoint(checkpoint={self.checkpoint})` with max_steps={max_steps}: "
+            "the budget's schedule is computed in int32 inside the traced program and "
+            "needs max_steps * (c + sqrt(2 max_steps) + 2) < 2^31 (c = the budget, at most "
+            'max_steps + 1). Use a smaller `max_steps` or budget, `checkpoint="states"`, '
+            "or `adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
+    return c
 
 
 def _forward(diff, *, self, solver, saveat, init_state, record, max_steps, detach=False, **kwargs):
