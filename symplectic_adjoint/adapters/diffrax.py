@@ -115,13 +115,15 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     controller, clipping and jump logic (scalar arithmetic; the solver's outputs are
     detached so no state tangent is computed) and records each step's
     `d(t_n, t_{n+1})/d(times)`; the reverse pass takes each step's end-time cotangents
-    from the stage VJPs (stage times and control) and the output interpolants. Values
-    closed over by the vector field (rather than passed in `args` or held by the term,
-    as in the `WeaklyDiagonalControlTerm` shim of diffrax 0.7) cannot be differentiated:
-    a vector field closing over a value traced by an enclosing `jit`/`vmap`/`grad`
-    raises `TypeError` at trace time naming `args` (JAX's `CustomVJPException` where the
-    closure hides inside another callable); nor a `solver_state`/`controller_state`
-    passed to `diffeqsolve`.
+    from the stage VJPs (stage times and control) and the output interpolants. A plain
+    function vector field (``ODETerm(lambda t, y, args: ...)``, a ``ControlTerm``'s, in
+    a ``MultiTerm`` too) that closes over arrays traced by an enclosing
+    `jit`/`vmap`/`grad` is closure-converted (``eqx.filter_closure_convert``), so those
+    arrays are differentiated like `args`, exactly as `RecursiveCheckpointAdjoint` does.
+    Not differentiated: a closure hidden inside another callable (e.g. inside an
+    ``eqx.Module`` vector field, or the `WeaklyDiagonalControlTerm` shim of diffrax 0.7:
+    JAX's `CustomVJPException`), and a `solver_state`/`controller_state` passed to
+    `diffeqsolve`.
 
     A save function `fn(t, y, args)` is differentiated at each saved `(t, y, args)` (for
     `ts`, at the interpolated state), including the arrays it closes over (it is
@@ -289,7 +291,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
             for sub in _subs(saveat)
         ]
         saveat = _with_fns(saveat, [save_y] * len(fns))
-        _refuse_closed_over_tracers(terms, t0, y, args)
+        terms = _closure_converted(terms, t0, y, args)
         final_state, aux_stats = _loop_symplectic(
             (y, args, terms, ts, times, fns),
             self=self,
@@ -386,23 +388,26 @@ def _vector_fields(terms: Any) -> list:
     return [vf] if callable(vf) and not isinstance(vf, eqx.Module) else []
 
 
-def _refuse_closed_over_tracers(terms: Any, t0: Any, y: Any, args: Any) -> None:
-    """Refuse, at trace time, a vector field closing over a value traced by an outer
-    ``jit``/``vmap``/``grad``: the custom VJP cannot carry it (JAX would fail later, at
-    lowering, with "No constant handler for type: ...Tracer")."""
+def _closure_converted(terms: Any, t0: Any, y: Any, args: Any) -> Any:
+    """``terms`` with each plain-function vector field that closes over a value traced by
+    an enclosing ``jit``/``vmap``/``grad`` replaced by its closure conversion
+    (``eqx.filter_closure_convert``): the closed-over arrays become leaves of the term,
+    so they enter the custom VJP as inputs and are differentiated like ``args`` (a
+    custom VJP cannot carry a closed-over tracer: JAX would refuse it, or fail at
+    lowering with "No constant handler for type: ...Tracer"). Functions closing over
+    constants only are left as they are (their constants would otherwise get
+    cotangents at every stage)."""
+    converted: dict[int, Any] = {}
     for vf in _vector_fields(terms):
         try:
-            converted = eqx.filter_closure_convert(vf, t0, y, args)
-        except Exception:  # noqa: BLE001 - detection only: never block a solve it cannot trace
+            conv = eqx.filter_closure_convert(vf, t0, y, args)
+        except Exception:  # noqa: BLE001 - a field it cannot trace here stays as it is
             continue
-        if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(converted)):
-            raise TypeError(
-                "`SymplecticAdjoint`: the vector field closes over a JAX array traced by an "
-                "enclosing `jax.jit`/`jax.vmap`/`jax.grad`. Pass such arrays through "
-                "`diffeqsolve(..., args=...)` or hold them in an `eqx.Module` vector field "
-                "(they are then differentiable too), or use "
-                "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
-            )
+        if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(conv)):
+            converted[id(vf)] = conv
+    if not converted:
+        return terms
+    return jtu.tree_map(lambda x: converted.get(id(x), x), terms)
 
 
 def _ode_terms_only(terms: Any) -> bool:
