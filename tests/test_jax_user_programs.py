@@ -219,3 +219,36 @@ def test_cubic_cde_budget_two():
         return jnp.sum(sol.ys**2)
 
     _agree(f, jnp.stack([ts, jnp.sin(3 * ts)], -1), Y0, argnums=(0, 1))
+
+
+def test_closure_over_differentiated_module_matches_rca():
+    # `ODETerm(lambda t, y, a: model(y))` with `model` the input of eqx.filter_grad.
+    model = eqx.nn.MLP(2, 2, 8, 1, activation=jnp.tanh, key=jax.random.PRNGKey(0))
+
+    def loss(model, adj):
+        term = diffrax.ODETerm(lambda t, y, a: model(y) * jnp.cos(t))
+        sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 0.1, Y0, adjoint=adj,
+                                  max_steps=16)  # fmt: skip
+        return jnp.sum(sol.ys**2)
+
+    grads = [eqx.filter_grad(loss)(model, adj) for adj in (SymplecticAdjoint(), RCA)]
+    assert _rel(*grads) <= 1e-10
+
+
+@pytest.mark.parametrize("root", [False, True])
+def test_event_cond_closing_over_traced_array_refused_naming_args(root):
+    # The event travels outside the custom VJP's inputs: JAX used to fail obscurely
+    # ("No constant handler for type: ...Tracer" / CustomVJPException).
+    def loss(y0, thr):
+        if root:
+            ev = diffrax.Event(lambda t, y, a, **kw: y[0] - thr, root_finder=optx.Newton(
+                rtol=1e-10, atol=1e-10))  # fmt: skip
+        else:
+            ev = diffrax.Event(lambda t, y, a, **kw: y[0] < thr)
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(_osc), diffrax.Tsit5(), 0.0, 10.0, 0.1, y0,
+                                  args=1.0, adjoint=SymplecticAdjoint(), max_steps=64,
+                                  event=ev)  # fmt: skip
+        return jnp.sum(sol.ys**2)
+
+    with pytest.raises(TypeError, match="cond_fn.*args=.*RecursiveCheckpointAdjoint"):
+        jax.jit(jax.grad(loss))(jnp.array([1.0, 0.5]), jnp.array(0.2))

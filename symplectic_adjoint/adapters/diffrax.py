@@ -123,7 +123,8 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
     Not differentiated: a closure hidden inside another callable (e.g. inside an
     ``eqx.Module`` vector field, or the `WeaklyDiagonalControlTerm` shim of diffrax 0.7:
     JAX's `CustomVJPException`), and a `solver_state`/`controller_state` passed to
-    `diffeqsolve`.
+    `diffeqsolve`. An event ``cond_fn`` closing over such arrays raises `TypeError` at
+    trace time naming `args` (which it receives, and which are differentiated).
 
     A save function `fn(t, y, args)` is differentiated at each saved `(t, y, args)` (for
     `ts`, at the interpolated state), including the arrays it closes over (it is
@@ -292,6 +293,20 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         ]
         saveat = _with_fns(saveat, [save_y] * len(fns))
         terms = _closure_converted(terms, t0, y, args)
+        _refuse_event_closures(
+            event,
+            (t0, y, args),
+            dict(
+                terms=terms,
+                solver=solver,
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                saveat=saveat,
+                stepsize_controller=stepsize_controller,
+                max_steps=max_steps,
+            ),
+        )
         final_state, aux_stats = _loop_symplectic(
             (y, args, terms, ts, times, fns),
             self=self,
@@ -399,15 +414,41 @@ def _closure_converted(terms: Any, t0: Any, y: Any, args: Any) -> Any:
     cotangents at every stage)."""
     converted: dict[int, Any] = {}
     for vf in _vector_fields(terms):
-        try:
-            conv = eqx.filter_closure_convert(vf, t0, y, args)
-        except Exception:  # noqa: BLE001 - a field it cannot trace here stays as it is
-            continue
-        if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(conv)):
+        conv = _closes_over_tracer(vf, t0, y, args)
+        if conv is not None:
             converted[id(vf)] = conv
     if not converted:
         return terms
     return jtu.tree_map(lambda x: converted.get(id(x), x), terms)
+
+
+def _closes_over_tracer(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn``'s closure conversion at the example arguments if it closes over a value
+    traced by an enclosing ``jit``/``vmap``/``grad``, else ``None`` (also when it cannot
+    be traced here)."""
+    try:
+        conv = eqx.filter_closure_convert(fn, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - a function it cannot trace here stays as it is
+        return None
+    traced = any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(conv))
+    return conv if traced else None
+
+
+def _refuse_event_closures(event: Any, example: tuple, cond_kwargs: dict) -> None:
+    """Refuse, at trace time, an event ``cond_fn`` closing over a traced value: the event
+    travels outside the custom VJP's inputs, where JAX would fail with
+    ``CustomVJPException`` or, at lowering, "No constant handler for type: ...Tracer"."""
+    if event is None:
+        return
+    for fn in jtu.tree_leaves(event.cond_fn):
+        if callable(fn) and _closes_over_tracer(fn, *example, **cond_kwargs) is not None:
+            raise TypeError(
+                "`SymplecticAdjoint`: the event's `cond_fn` closes over a JAX array traced "
+                "by an enclosing `jax.jit`/`jax.vmap`/`jax.grad`. Pass such arrays through "
+                "`diffeqsolve(..., args=...)` (`cond_fn(t, y, args, ...)` receives them; a "
+                "root-finder event time is then differentiated with respect to them), or "
+                f"{_ALTERNATIVE}."
+            )
 
 
 def _ode_terms_only(terms: Any) -> bool:
