@@ -296,16 +296,7 @@ class SymplecticAdjoint(diffrax.AbstractAdjoint):
         _refuse_event_closures(
             event,
             (t0, y, args),
-            dict(
-                terms=terms,
-                solver=solver,
-                t0=t0,
-                t1=t1,
-                dt0=dt0,
-                saveat=saveat,
-                stepsize_controller=stepsize_controller,
-                max_steps=max_steps,
-            ),
+            _cond_kwargs(terms, solver, t0, t1, dt0, saveat, stepsize_controller, max_steps),
         )
         final_state, aux_stats = _loop_symplectic(
             (y, args, terms, ts, times, fns),
@@ -763,17 +754,15 @@ def _root_event(kwargs, event_mask, saved_ts, terms, solver, saveat, times):
     event = kwargs.get("event")
     if event is None or event.root_finder is None:
         return None
-    cond_kwargs = dict(
-        terms=terms,
-        solver=solver,
-        t0=times.t0,
-        t1=times.t1,
-        dt0=times.dt0,
-        saveat=saveat,
-        stepsize_controller=times.controller,
-        max_steps=kwargs["max_steps"],
-    )
+    cond_kwargs = _cond_kwargs(terms, solver, times.t0, times.t1, times.dt0, saveat,
+                               times.controller, kwargs["max_steps"])  # fmt: skip
     return event.cond_fn, jnp.asarray(event_mask), saved_ts, cond_kwargs
+
+
+def _cond_kwargs(terms, solver, t0, t1, dt0, saveat, controller, max_steps) -> dict:
+    """The keyword arguments diffrax 0.7.2 passes to an event's ``cond_fn``."""
+    return dict(terms=terms, solver=solver, t0=t0, t1=t1, dt0=dt0, saveat=saveat,
+                stepsize_controller=controller, max_steps=max_steps)  # fmt: skip
 
 
 def _materialise(struct: Any, bar: Any) -> Any:
