@@ -112,6 +112,17 @@ def _output_nodes(case: Case) -> dict[int, int]:
     return {int(round((tk - case.t[0]) / case.signed_h)): k for k, tk in enumerate(case.t)}
 
 
+def _stage_vjp(vjp: VJP, p: Params, c: tuple[float, ...], h: float, tn: float) -> Callable:
+    """The core recursions' stage VJP for the step from ``tn``: the hand-written ``vjp`` at
+    stage ``i`` (time ``tn + c_i h``), its parameter cotangents added to the carry."""
+
+    def stage_vjp(i: int, X: np.ndarray, kb: np.ndarray, carry: dict):
+        yb, pb = vjp(tn + c[i] * h, X, p, kb)
+        return yb, None, {k: carry[k] + pb[k] for k in carry}
+
+    return stage_vjp
+
+
 def _sweep(case: Case, c: tuple[float, ...], step: Callable, step_vjp: Callable) -> Result:
     """Forward over the constant grid ``h``, then the discrete adjoint sweep.
 
@@ -136,12 +147,7 @@ def _sweep(case: Case, c: tuple[float, ...], step: Callable, step_vjp: Callable)
         if n + 1 in nodes:
             lam = lam + w[nodes[n + 1]]
         tn = t0 + n * h
-
-        def stage_vjp(i: int, X: np.ndarray, kb: np.ndarray, carry: dict, tn: float = tn):
-            yb, pb = vjp(tn + c[i] * h, X, p, kb)
-            return yb, None, {k: carry[k] + pb[k] for k in carry}
-
-        back = step_vjp(tn, lam, stages[n], stage_vjp, pbar)
+        back = step_vjp(tn, lam, stages[n], _stage_vjp(vjp, p, c, h, tn), pbar)
         lam, pbar = back.y0_bar, back.carry
     lam = lam + w[0]
     grads = {"y0": lam, **{f"p.{k}": v for k, v in pbar.items()}}
@@ -395,26 +401,16 @@ def solve_event_core(ev: EventCase, solver: Solver, host: str) -> Result:
     t_star, y_star = tn + theta * h, interp(theta)
 
     # The cotangent on the interpolant's inputs (t* held), then its linear VJP.
-    if host == "torch":
-        v = f(t_star, y_star, p)
-        lam_star = (
-            ev.w_y - (ev.w_t + float(np.sum(ev.w_y * v))) / (s + float(np.sum(u * v)) + 1e-12) * u
-        )
-    else:
-        v = interp_slope(theta)
-        lam_star = ev.w_y - (ev.w_t + float(np.sum(ev.w_y * v))) / (s + float(np.sum(u * v))) * u
+    # torchdiffeq adds 1e-12 to the denominator; diffrax nothing.
+    v, eps = (f(t_star, y_star, p), 1e-12) if host == "torch" else (interp_slope(theta), 0.0)
+    lam_star = ev.w_y - (ev.w_t + float(np.sum(ev.w_y * v))) / (s + float(np.sum(u * v)) + eps) * u
     k_bar, _, _ = dense.vjp(lam_star, k, h, theta)
 
     pbar = {name: np.zeros_like(val) for name, val in p.items()}
     lam: np.ndarray | None = None
     for m in reversed(range(n + 1)):
-        tm = t0 + m * h
-
-        def stage_vjp(i: int, X: np.ndarray, kb: np.ndarray, carry: dict, tm: float = tm):
-            yb, pb = vjp(tm + tab.c[i] * h, X, p, kb)
-            return yb, None, {name: carry[name] + pb[name] for name in carry}
-
         extra = dict(k_bar=k_bar, y0_bar=lam_star) if m == n else {}
+        stage_vjp = _stage_vjp(vjp, p, tab.c, h, t0 + m * h)
         back = rk_step_vjp(tab, stage_vjp, lam, stages[m], h, carry=pbar, **extra)
         lam, pbar = back.y0_bar, back.carry
     grads = {"y0": lam, **{f"p.{name}": val for name, val in pbar.items()}}
