@@ -20,7 +20,7 @@ from symplectic_adjoint.adapters._torch_implicit import (  # noqa: E402
     Newton,
     NewtonConvergenceError,
     NewtonOptions,
-    _row_jacobians,
+    _jacobian,
     implicit_reverse_step,
     implicit_tableau,
 )
@@ -345,11 +345,11 @@ def test_row_jacobians_match_jacrev_per_row() -> None:
     func = Stiff()
     t = torch.tensor(0.2, dtype=F64)
     x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
-    J = _row_jacobians(func, t, x)
+    J = _jacobian(func, t, x, per_sample=True)
     for b in range(4):
         Jb = torch.func.jacrev(lambda z: func(t, z.unsqueeze(0)).squeeze(0))(x[b])
         assert torch.allclose(J[b], Jb, rtol=1e-14, atol=1e-14)
-    assert torch.equal(_row_jacobians(lambda t, y: torch.ones_like(y), t, x),
+    assert torch.equal(_jacobian(lambda t, y: torch.ones_like(y), t, x, per_sample=True),
                        torch.zeros(4, 3, 3, dtype=F64))  # fmt: skip
 
 

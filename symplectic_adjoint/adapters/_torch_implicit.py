@@ -408,11 +408,6 @@ def _jacobian(fn: Field, t: torch.Tensor, x: torch.Tensor, per_sample: bool) -> 
     return graph_jacobian(out, z, per_sample=per_sample)
 
 
-def _row_jacobians(fn: Field, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(B, n, n)``: the Jacobian of each row of a row-wise field, ``J[b] = d f_b / d x_b``."""
-    return _jacobian(fn, t, x, True)
-
-
 @overload
 def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
                    strict: Literal[False] = False) -> torch.Tensor: ...  # fmt: skip
