@@ -341,16 +341,42 @@ def test_stale_jacobian_falls_back_to_full_newton(method: str) -> None:
     assert _rel(X[-1], _one_step(full, 0.3, y0)[-1]) <= 1e-11
 
 
-def test_row_jacobians_match_jacrev_per_row() -> None:
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3])
+def test_row_jacobians_match_jacrev_per_row(chunk_size: int | None) -> None:
     func = Stiff()
     t = torch.tensor(0.2, dtype=F64)
     x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
-    J = _jacobian(func, t, x, per_sample=True)
+    J = _jacobian(func, t, x, per_sample=True, chunk_size=chunk_size)
     for b in range(4):
         Jb = torch.func.jacrev(lambda z: func(t, z.unsqueeze(0)).squeeze(0))(x[b])
         assert torch.allclose(J[b], Jb, rtol=1e-14, atol=1e-14)
-    assert torch.equal(_jacobian(lambda t, y: torch.ones_like(y), t, x, per_sample=True),
+    dense = _jacobian(func, t, x, per_sample=False, chunk_size=chunk_size)
+    full = torch.func.jacrev(lambda z: func(t, z))(x).reshape(12, 12)
+    assert torch.allclose(dense, full, rtol=1e-14, atol=1e-14)
+    assert torch.equal(_jacobian(lambda t, y: torch.ones_like(y), t, x, per_sample=True,
+                                 chunk_size=chunk_size),
                        torch.zeros(4, 3, 3, dtype=F64))  # fmt: skip
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("checkpoint", ["states", "stages"])
+def test_jacobian_chunk_size_changes_only_the_workspace(checkpoint: str, per_sample: bool):
+    """Jacobians built a few basis vectors at a time (forward Newton matrices and the
+    backward's transposed solves): the same stages and gradients as all at once."""
+    opts = dict(per_sample=per_sample)
+    ys, g = _grads("kvaerno5", "symplectic", checkpoint=checkpoint, options=opts)
+    ys_c, g_c = _grads("kvaerno5", "symplectic", checkpoint=checkpoint,
+                       options=dict(opts, jacobian_chunk_size=2))  # fmt: skip
+    assert _rel(ys_c, ys) <= 1e-13
+    for a, b in zip(g_c, g, strict=True):
+        assert _rel(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("chunk", [0, -2, 2.5, True, "4"])
+def test_bad_jacobian_chunk_size_is_refused(chunk: Any) -> None:
+    with pytest.raises(ValueError, match="jacobian_chunk_size=.*positive int"):
+        odeint(Stiff(), torch.ones(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+               method="trbdf2", options=dict(step_size=0.1, jacobian_chunk_size=chunk))  # fmt: skip
 
 
 @pytest.mark.parametrize("jacobian", ["step", "stage", "iterate"])
@@ -431,7 +457,7 @@ def _one_reverse(method: str, solve: str, *, start_at: float | None, skew: float
     start = None if start_at is None else newton.linear(func, times[0], start_at * y0)
     graphs = _Graphs(func, times, skew)
     lam = torch.linspace(-1, 1, y0.numel(), dtype=F64).view_as(y0)
-    res = implicit_reverse_step(newton, graphs, lam, X, h, start=start)
+    res, _ = implicit_reverse_step(newton, graphs, lam, X, h, start=start)
     return [res.y0_bar, *graphs.acc], newton
 
 
@@ -459,6 +485,56 @@ def test_refinement_checks_the_residual_with_the_final_vjp() -> None:
     assert newton.n_refine_fallbacks == 2  # both implicit stages
     for a, b in zip(got, ref, strict=True):
         assert _rel(a, b) <= 1e-12
+
+
+class JumpStiff(Stiff):
+    """:class:`Stiff` whose first component's stiffness jumps 200x at ``t = 0.5``: the
+    Jacobians before the jump precondition the transposed solves after it poorly."""
+
+    def forward(self, t, y):
+        jump = torch.where(t < 0.5, 1.0, 200.0).to(y.dtype)
+        scale = torch.stack([jump, torch.ones_like(jump), torch.ones_like(jump)])
+        return super().forward(t, y) * scale
+
+
+@pytest.mark.parametrize("method", ["trbdf2", "kvaerno5"])
+def test_stored_stages_carry_the_preconditioner_between_steps(method: str) -> None:
+    """``checkpoint="stages"`` has no Jacobian at ``y_n``: each reverse step starts from the
+    one the next step ended with. On a smooth field the whole reverse pass builds one
+    Jacobian; across a stiffness jump the carried one contracts too slowly, the refinement
+    falls back to fresh Jacobians there, and every gradient still equals fresh solves and
+    backprop through Newton."""
+    for field, smooth in ((Stiff, True), (JumpStiff, False)):
+        grads = {}
+        for adjoint, solve in (("symplectic", "refine"), ("symplectic", "fresh"),
+                               ("backprop", "refine")):  # fmt: skip
+            func = field()
+            y0 = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64, requires_grad=True)
+            stats = SolveStats()
+            opts = dict(
+                TIGHT,
+                per_sample=True,
+                adjoint_solve=solve,
+                **({"first_step": 0.02} if method in KVAERNO else {"step_size": 0.05}),
+            )
+            ys = odeint(func, y0, torch.tensor([0.0, 1.0], dtype=F64), method=method,
+                        rtol=1e-7, atol=1e-9, options=opts, adjoint=adjoint,
+                        checkpoint="stages", stats=stats)  # fmt: skip
+            forward = stats.n_jacobians
+            grads[adjoint, solve] = torch.autograd.grad(
+                (ys[-1] * torch.arange(1.0, 7.0, dtype=F64).view(2, 3)).sum(),
+                [y0, *func.parameters()],
+            )
+            if adjoint == "symplectic" and solve == "refine":
+                backward = stats.n_jacobians - forward
+                if smooth:
+                    assert backward == 1 and stats.n_refine_fallbacks == 0
+                else:
+                    assert stats.n_refine_fallbacks >= 1 and backward >= 2
+        ref = grads["symplectic", "fresh"]
+        for a, b, c in zip(grads["symplectic", "refine"], ref, grads["backprop", "refine"],
+                           strict=True):  # fmt: skip
+            assert _rel(a, b) <= 1e-12 and _rel(a, c) <= 1e-10
 
 
 def test_unknown_adjoint_solve_is_refused() -> None:

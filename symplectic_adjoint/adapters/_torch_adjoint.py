@@ -48,6 +48,13 @@ class SolveStats:
         n_replayed_steps: steps recomputed from an earlier checkpoint (budgets only).
         n_checkpoints: tensors kept for the backward pass.
         checkpoint_bytes: their total size in bytes.
+        n_newton_iters: Newton iterations of the implicit methods' stage solves, forward
+            and reverse-pass recomputations.
+        n_jacobians: Jacobians built for Newton matrices and transposed stage solves,
+            forward and backward (implicit methods, dense and per-sample solvers).
+        n_refine_fallbacks: transposed stage solves whose iterative refinement did not
+            contract fast enough and were finished from a fresh Jacobian (time only: the
+            gradient is exact either way).
 
     The backward fields stay 0 until a gradient is computed; each backward adds to them.
     For ``adjoint="backprop"``/``"adjoint"`` only the evaluation counts are filled
@@ -67,6 +74,16 @@ class SolveStats:
     n_replayed_steps: int = 0
     n_checkpoints: int = 0
     checkpoint_bytes: int = 0
+    n_newton_iters: int = 0
+    n_jacobians: int = 0
+    n_refine_fallbacks: int = 0
+
+    def _newton(self, newton: Any) -> None:
+        """Copy an implicit method's Newton counts (cumulative over the solve's passes)."""
+        if newton is not None:
+            self.n_newton_iters = newton.iterations
+            self.n_jacobians = newton.n_jacobians
+            self.n_refine_fallbacks = newton.n_refine_fallbacks
 
 
 @dataclasses.dataclass(eq=False)
@@ -192,6 +209,7 @@ class SymplecticFunction(torch.autograd.Function):
         ctx.t_input, ctx.params = t.detach(), params
         stats.n_steps, stats.n_rejected = len(rec.steps), rec.n_rejected
         stats.first_step, stats.nfe_forward = rec.first_step, rec.nfe
+        stats._newton(rec.newton)
         if isinstance(out, tuple):
             ctx.mark_non_differentiable(out[0])
         return out
@@ -230,4 +248,5 @@ class SymplecticFunction(torch.autograd.Function):
         stats.nfe_backward += evaluator.nfe
         stats.n_vjp += evaluator.n_vjp
         stats.n_replayed_steps += sweep.replays
+        stats._newton(rec.newton)
         return (None, None, ybar, tbar, *pbar)

@@ -123,6 +123,7 @@ EPS_FLOOR = 10
 _NEWTON_KEYS = (
     "newton_rtol", "newton_atol", "max_newton_iters", "max_iters", "linear_solver",
     "per_sample", "jacobian", "adjoint_solve", "gmres_rtol", "gmres_restart", "gmres_maxiter",
+    "jacobian_chunk_size",
 )  # fmt: skip
 
 
@@ -196,6 +197,15 @@ class NewtonOptions:
             Jacobian in both modes.
         gmres_rtol, gmres_restart, gmres_maxiter: GMRES's relative residual, restart length
             and iteration cap.
+        jacobian_chunk_size: basis vectors per batched VJP when a Jacobian is built (as
+            ``torch.func.jacrev``'s ``chunk_size``): ``None`` (default) all ``n`` at once
+            (per sample; ``N`` dense), the fastest; a smaller chunk bounds the workspace,
+            which is about ``chunk`` times one VJP's (one evaluation's activations), at the
+            price of more calls. On the stiff benchmark (per sample, ``n = 8``)
+            ``jacobian_chunk_size=4`` lowers the peak by about 0.4 MiB at about 2 % more
+            time; for a dense Jacobian of a large field (a convolution, ``N`` up to
+            :data:`DENSE_MAX`) it is the difference between ``N`` evaluations' activations
+            and a few.
     """
 
     rtol: float
@@ -208,6 +218,7 @@ class NewtonOptions:
     gmres_rtol: float = 1e-12
     gmres_restart: int = 40
     gmres_maxiter: int = 400
+    jacobian_chunk_size: int | None = None
 
     @classmethod
     def pop(cls, kwargs: dict, rtol: Any, atol: Any, dtype: torch.dtype) -> NewtonOptions:
@@ -246,7 +257,15 @@ class NewtonOptions:
             gmres_rtol=float(got.get("gmres_rtol", 1e-12)),
             gmres_restart=int(got.get("gmres_restart", 40)),
             gmres_maxiter=int(got.get("gmres_maxiter", 400)),
+            jacobian_chunk_size=got.get("jacobian_chunk_size"),
         )
+        chunk = opts.jacobian_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                                  or chunk < 1):  # fmt: skip
+            raise ValueError(
+                f"jacobian_chunk_size={chunk!r}: use a positive int (basis vectors per batched "
+                "VJP) or None (all at once)"
+            )
         if opts.linear_solver not in ("auto", "dense", "gmres"):
             raise ValueError(
                 f"linear_solver={opts.linear_solver!r}: use 'dense', 'gmres' or 'auto'"
@@ -369,7 +388,8 @@ class _Linear:
     reused while the Jacobian is)."""
 
     def __init__(self, fn: Field, t: torch.Tensor, x: torch.Tensor, mode: str,
-                 graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
+                 graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 chunk_size: int | None = None) -> None:  # fmt: skip
         self.fn, self.t, self.x, self.mode = fn, t, x.detach(), mode
         self.shape = x.shape
         self.J: torch.Tensor | None = None
@@ -379,9 +399,14 @@ class _Linear:
             # From the evaluation that also gave the step's first slope (``graph``, see
             # :meth:`Newton.first_slope`), else from one of its own: the same batched VJPs
             # either way, so the forward's values do not depend on which.
-            J = None if graph is None else graph_jacobian(*graph, per_sample=mode == "per_sample",
-                                                          strict=True)  # fmt: skip
-            self.J = _jacobian(fn, t, self.x, mode == "per_sample") if J is None else J
+            per_sample = mode == "per_sample"
+            J = None
+            if graph is not None:
+                J = graph_jacobian(*graph, per_sample=per_sample, strict=True,
+                                   chunk_size=chunk_size)  # fmt: skip
+            if J is None:
+                J = _jacobian(fn, t, self.x, per_sample, chunk_size=chunk_size)
+            self.J = J
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -397,7 +422,8 @@ class _Linear:
             return self._vjp(v.view(self.shape))[0].reshape(-1)
 
 
-def _jacobian(fn: Field, t: torch.Tensor, x: torch.Tensor, per_sample: bool) -> torch.Tensor:
+def _jacobian(fn: Field, t: torch.Tensor, x: torch.Tensor, per_sample: bool,
+              chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
     """The Jacobian of ``fn(t, .)`` at ``x`` from one evaluation with a graph and batched VJPs
     (:func:`graph_jacobian`): ``(B, n, n)`` blocks with ``per_sample`` (about 1.6x faster on
     the benchmark's MLP than ``vmap(jacrev)`` over single rows, which calls ``fn`` on batches
@@ -405,17 +431,19 @@ def _jacobian(fn: Field, t: torch.Tensor, x: torch.Tensor, per_sample: bool) -> 
     z = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = fn(t, z)
-    return graph_jacobian(out, z, per_sample=per_sample)
+    return graph_jacobian(out, z, per_sample=per_sample, chunk_size=chunk_size)
 
 
 @overload
 def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
-                   strict: Literal[False] = False) -> torch.Tensor: ...  # fmt: skip
+                   strict: Literal[False] = False,
+                   chunk_size: int | None = None) -> torch.Tensor: ...  # fmt: skip
 @overload
+def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool, strict: bool,
+                   chunk_size: int | None = None) -> torch.Tensor | None: ...  # fmt: skip
 def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
-                   strict: bool) -> torch.Tensor | None: ...  # fmt: skip
-def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
-                   strict: bool = False) -> torch.Tensor | None:  # fmt: skip
+                   strict: bool = False,
+                   chunk_size: int | None = None) -> torch.Tensor | None:  # fmt: skip
     """The Jacobian ``d out / d z`` from an evaluation's graph (kept for further VJPs).
 
     ``per_sample``: ``(B, n, n)`` blocks of a row-wise field from ``n`` batched VJPs with the
@@ -424,6 +452,7 @@ def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
     ``(N, N)`` matrix from ``N = z.numel()`` batched VJPs (what ``jacrev`` does).
     Where the graph does not reach ``z`` (a field that does not read ``y``, or an
     evaluation made on a detached copy) the Jacobian is zero, or ``None`` with ``strict``.
+    ``chunk_size``: basis vectors per batched VJP (:attr:`NewtonOptions.jacobian_chunk_size`).
     """
     N = z.numel()
     B = z.shape[0] if per_sample else 1
@@ -438,10 +467,15 @@ def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
         basis = eye.view(n, 1, *z.shape[1:]).expand(n, *out.shape)
     else:
         basis = eye.view(n, *out.shape)
-    (rows,) = torch.autograd.grad(out, z, basis, is_grads_batched=True, retain_graph=True,
-                                  allow_unused=True)  # fmt: skip
-    if rows is None:
-        return None if strict else torch.zeros(shape, dtype=z.dtype, device=z.device)
+    step = basis.shape[0] if chunk_size is None else chunk_size
+    parts = []
+    for j in range(0, basis.shape[0], step):
+        (part,) = torch.autograd.grad(out, z, basis[j : j + step], is_grads_batched=True,
+                                      retain_graph=True, allow_unused=True)  # fmt: skip
+        if part is None:
+            return None if strict else torch.zeros(shape, dtype=z.dtype, device=z.device)
+        parts.append(part)
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
     return rows.reshape(n, B, n).transpose(0, 1) if per_sample else rows.reshape(N, N)
 
 
@@ -494,7 +528,7 @@ class Newton:
                graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Linear:  # fmt: skip
         """The Jacobian at ``(t, x)``; ``graph``: an evaluation there (:meth:`first_slope`)."""
         self.n_jacobians += 1
-        return _Linear(fn, t, x, self.mode, graph)
+        return _Linear(fn, t, x, self.mode, graph, self.opts.jacobian_chunk_size)
 
     def first_slope(self, fn: Field, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """``(f(t, y), graph)``: a step's first slope, evaluated where simplified Newton
@@ -794,9 +828,10 @@ class _GraphLinear(_Linear):
     VJP through that graph; ``J`` itself (dense and per-sample modes) is built on demand
     from the same graph."""
 
-    def __init__(self, graphs: StageGraphs, g: Any, mode: str) -> None:
+    def __init__(self, graphs: StageGraphs, g: Any, mode: str,
+                 chunk_size: int | None = None) -> None:  # fmt: skip
         out, x = graphs.output(g)
-        self.graphs, self.g, self.mode = graphs, g, mode
+        self.graphs, self.g, self.mode, self.chunk_size = graphs, g, mode, chunk_size
         self.shape = x.shape
         self.factors = {}
         self.J = None
@@ -804,7 +839,8 @@ class _GraphLinear(_Linear):
     def build(self) -> _GraphLinear:
         if self.J is None and self.mode != "gmres":
             out, x = self.graphs.output(self.g)
-            self.J = graph_jacobian(out, x, per_sample=self.mode == "per_sample")
+            self.J = graph_jacobian(out, x, per_sample=self.mode == "per_sample",
+                                    chunk_size=self.chunk_size)  # fmt: skip
         return self
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - transposed only
@@ -834,8 +870,9 @@ class TransposedSolves:
 
     * ``adjoint_solve="fresh"``: ``J_i`` from stage ``i``'s graph, LU, solve;
     * ``"refine"`` (default): a Jacobian ``J_p`` for the whole step: ``start``, the
-      recomputed step's own at ``y_n`` (``checkpoint="states"``), else the first
-      implicit stage's, that stage solved directly. The others start from
+      recomputed step's own at ``y_n`` (``checkpoint="states"``), or the one the reverse
+      pass ended the next step with (stored stages: :attr:`pre`, carried over by the
+      caller), else the first implicit stage's, that stage solved directly. Stages start from
       ``kbar = P^{-T} c`` with ``P = I - gamma_i J_p`` (its explicit inverse) and iterate
       ``kbar <- kbar + P^{-T} (c - kbar + gamma_i J_i^T kbar)``, ``J_i^T kbar`` one VJP
       through stage ``i``'s graph at its converged input (the exact operator, so the fixed
@@ -864,8 +901,23 @@ class TransposedSolves:
         self.pre: _Linear | None = start if self.refine else None  # the preconditioner
         self.kept: dict[int, Any] = dict(kept or {})  # stage -> graph, for its VJP later
 
+    def carried(self) -> _Linear | None:
+        """The preconditioner in use at the end, for the previous step's solves (the
+        Jacobian changes little from step to step; the refinement's checks make a poor one
+        cost time only): its Jacobian and explicit inverses, without the graph it came
+        from, which must not outlive this step (one network graph at a time)."""
+        pre = self.pre
+        if pre is None or pre.J is None:
+            return None
+        out = _Linear.__new__(_Linear)
+        out.mode, out.shape, out.J = pre.mode, pre.shape, pre.J
+        # Only the inverses: they are keyed by ``h a_ii`` (the step size in the key), the
+        # forward's LU factors by ``a_ii`` alone (its step size fixed).
+        out.factors = {key: v for key, v in pre.factors.items() if isinstance(key, tuple)}
+        return out
+
     def _linear(self, g: Any) -> _GraphLinear:
-        return _GraphLinear(self.graphs, g, self.mode)
+        return _GraphLinear(self.graphs, g, self.mode, self.newton.opts.jacobian_chunk_size)
 
     def _jacobian(self, lin: _GraphLinear) -> _GraphLinear:
         self.newton.n_jacobians += 1
@@ -1024,7 +1076,7 @@ def implicit_recompute(
             k1 = graphs.output(g0)[0].detach()
         if want_start:
             newton.n_jacobians += 1
-            start = _GraphLinear(graphs, g0, newton.mode).build()
+            start = _GraphLinear(graphs, g0, newton.mode, newton.opts.jacobian_chunk_size).build()
     X, k = newton.step(fn, times, y, h, k1, where, start=start)
     return X, k, start, kept
 
@@ -1042,16 +1094,20 @@ def implicit_reverse_step(
     need_h_bar: bool = False,
     start: _Linear | None = None,
     kept: dict[int, Any] | None = None,
-) -> StepVJP:
+) -> tuple[StepVJP, _Linear | None]:
     """The core's :func:`implicit_step_vjp` with this module's transposed solves, each stage
-    evaluated once with a graph (``graphs``). ``start``, ``kept``: from
-    :func:`implicit_recompute` when the reverse pass has just recomputed the step."""
+    evaluated once with a graph (``graphs``), and the preconditioner to carry to the
+    previous step (:meth:`TransposedSolves.carried`). ``start``: the step's Jacobian at
+    ``y_n`` from :func:`implicit_recompute` when the reverse pass has just recomputed the
+    step, else the next step's carried preconditioner (or ``None``); ``kept``: from
+    :func:`implicit_recompute`."""
     solves = TransposedSolves(newton, graphs, start, kept)
-    return implicit_step_vjp(
+    res = implicit_step_vjp(
         newton.tableau, solves.vjp, lam, X, h,
         solve_and_vjp=solves.solve_and_vjp, coupled_solve_T=solves.coupled_solve_T,
         k=k, k_bar=k_bar, y0_bar=y0_bar, need_h_bar=need_h_bar, check=False,
     )  # fmt: skip
+    return res, solves.carried()
 
 
 # --------------------------------------------------------------------------- solvers

@@ -251,6 +251,7 @@ class ReverseSweep:
         self.node_bar: dict[int, Any] = {}  # fixed-grid node -> cotangent
         self.expect = self.n - 1
         self.replays = 0
+        self.pre: Any = None  # an implicit step's transposed-solve preconditioner, carried
 
     def run(self, t_input: torch.Tensor, *, need_y0: bool) -> tuple[Any, Any, list[torch.Tensor]]:
         """``(ybar_0 or None, tbar or None, parameter cotangents)``."""
@@ -417,9 +418,10 @@ class ReverseSweep:
             return xb, tau, carry
 
         if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
-            res = implicit_reverse_step(
+            # Stored stages have no Jacobian at y_n: the next step's preconditioner serves.
+            res, self.pre = implicit_reverse_step(
                 rec.newton, graphs, lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
-                need_h_bar=need_t, start=start, kept=kept,
+                need_h_bar=need_t, start=self.pre if start is None else start, kept=kept,
             )  # fmt: skip
         else:
             res = rk_step_vjp(
