@@ -418,11 +418,13 @@ class ReverseSweep:
             return xb, tau, carry
 
         if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
-            # Stored stages have no Jacobian at y_n: the next step's preconditioner serves.
-            res, self.pre = implicit_reverse_step(
+            # Stored stages have no Jacobian at y_n: the next step's preconditioner serves
+            # (a recomputed step has its own; carrying one there would only hold memory).
+            res, pre = implicit_reverse_step(
                 rec.newton, graphs, lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
                 need_h_bar=need_t, start=self.pre if start is None else start, kept=kept,
             )  # fmt: skip
+            self.pre = pre if start is None else None
         else:
             res = rk_step_vjp(
                 tab, vjp, lam, X, h,
