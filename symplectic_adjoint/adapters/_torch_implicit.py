@@ -978,19 +978,24 @@ class TransposedSolves:
         tol, tiny = REFINE_ULPS * torch.finfo(dtype).eps, torch.finfo(dtype).tiny
         precond = self._inverse_T(self.pre, gamma)
         rows = c.shape[0] if self.mode == "per_sample" else 1
-        nc = torch.linalg.vector_norm(c.reshape(rows, -1), dim=1)
+        gam = float(gamma)  # the reverse pass is not recorded: a number suffices
+        # The rows' rounding bounds, tol (|c| + |kbar| + |gamma| |J^T kbar|): the first
+        # term once, the others as one matrix-vector product of the row norms.
+        tol_c = torch.linalg.vector_norm(c.reshape(rows, -1), dim=1).mul_(tol)
+        weights = torch.tensor([tol, tol * abs(gam)], dtype=tol_c.dtype, device=c.device)
 
         def step(kb: torch.Tensor, u: Any, prev: torch.Tensor) -> tuple:
             """The correction ``d``, its row norms, the contraction ``rate`` (the largest
             ratio of ``d``'s row norms to ``prev``'s) and ``q``, the largest ratio of
             ``d``'s row norms to the rows' rounding bounds (``d`` is within the bounds when
             ``q <= 1``). Few tensor operations and one sync: this runs once or twice per
-            stage."""
-            Ju = torch.zeros_like(kb) if u is None else u * gamma
-            d = precond((c - kb).add_(Ju))
-            norms = torch.linalg.vector_norm(torch.stack((d, kb, Ju)).view(3, rows, -1), dim=2)
+            stage (``u = J^T kbar``, ``None`` for zero)."""
+            if u is None:
+                u = torch.zeros_like(kb)
+            d = precond((c - kb).add_(u, alpha=gam))
+            norms = torch.linalg.vector_norm(torch.stack((d, kb, u)).view(3, rows, -1), dim=2)
             nd = norms[0]
-            bound = (nc + norms[1] + norms[2]).mul_(tol)
+            bound = torch.addmv(tol_c, norms[1:].T, weights)
             rate, q = (nd / torch.stack((prev, bound)).clamp_min_(tiny)).amax(dim=1).tolist()
             return d, nd, rate, q
 
