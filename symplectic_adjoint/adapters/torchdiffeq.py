@@ -101,11 +101,14 @@ def odeint(
             time (adaptive methods first retry smaller steps).
             ``adjoint_solve="refine"|"fresh"``: the backward's
             transposed stage solves ``(I - h a_ii J(X_i))^T kbar = c`` by iterative
-            refinement from one factorisation per step, each correction one exact VJP
-            at the converged stage, until it is at rounding level (falling back to a
-            fresh Jacobian for a stage where it converges slowly; the default), or with
-            a fresh Jacobian and factorisation per implicit stage; the same exact
-            gradient either way, to rounding.
+            refinement from one factorisation per step (with ``checkpoint="stages"``
+            one carried from step to step), each correction one exact VJP at the
+            converged stage, until it is at rounding level (falling back to a fresh
+            Jacobian for a stage where it converges slowly; the default), or with a
+            fresh Jacobian and factorisation per implicit stage; the same exact
+            gradient either way, to rounding. ``jacobian_chunk_size``: basis vectors
+            per batched VJP when a Jacobian is built (``None``, the default: all at
+            once; smaller bounds the workspace, as ``torch.func.jacrev``'s).
         event_fn: ``event_fn(t, y)``; integrate until it crosses zero and return
             ``(event_t, solution)`` with ``solution = [y0, y(event_t)]``. ``event_t``
             carries no gradient here; use :func:`odeint_event` for that.
@@ -136,7 +139,9 @@ def odeint(
         stats: a :class:`SolveStats` to fill in: accepted/rejected steps and the number
             of evaluations of ``func`` in the forward pass (``nfe_forward``) and, once a
             gradient has been computed, in the backward pass (``nfe_backward``,
-            ``n_vjp``, ``n_replayed_steps``), plus the checkpoint count and bytes.
+            ``n_vjp``, ``n_replayed_steps``), plus the checkpoint count and bytes;
+            implicit methods add ``n_newton_iters``, ``n_jacobians`` and
+            ``n_refine_fallbacks``.
         adjoint_kwargs: ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method``,
             ``adjoint_options``: used by ``adjoint="adjoint"``, ignored otherwise.
 
