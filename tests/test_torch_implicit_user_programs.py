@@ -332,3 +332,31 @@ def test_odeint_event_with_an_implicit_method_matches_backprop(method: str) -> N
         out.append((float(event_t.detach()), torch.autograd.grad(event_t + sol[-1].sum(), k)[0]))
     assert out[0][0] == out[1][0]
     assert _rel(out[0][1], out[1][1]) <= 1e-8
+
+
+# ------------------------------------------------------------------ found by breakd
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_carried_preconditioner_singular_at_a_new_step_size(per_sample: bool) -> None:
+    """Stored stages carry the reverse pass's preconditioner J_p to the previous step, whose
+    step size differs: f = a1 y after t = 0.5 with a1 = 8, and steps 0.125 before it, so
+    I - 0.125 J_p = 0 exactly while every step's own Newton matrix is regular. The backward
+    once raised torch's bare LinAlgError from linalg.inv; now that step's solve uses its own
+    Jacobian. Reference: the exact implicit Euler map, prod (1 - h_n a(t_{n+1}))^-1."""
+    a = torch.tensor([-1.0, 8.0], dtype=F64, requires_grad=True)
+
+    def f(t, y):  # stiffness switching at t = 0.5: the rate a1 read from t > 0.5 on
+        return (a[0] if float(t) <= 0.5 else a[1]) * y
+
+    grid = torch.tensor([0.0, 0.125, 0.25, 0.375, 0.5, 0.5625, 0.625], dtype=F64)
+    y0 = torch.tensor([[1.5]], dtype=F64, requires_grad=True)
+    ys = odeint(f, y0, grid[[0, -1]], method="implicit_euler", checkpoint="stages",
+                options=dict(grid_constructor=lambda *_: grid, per_sample=per_sample),
+                adjoint_params=(a,))  # fmt: skip
+    exact = y0 / ((1 - 0.125 * a[0]) ** 4 * (1 - 0.0625 * a[1]) ** 2)
+    assert _rel(ys[-1].detach(), exact.detach()) <= 1e-14
+    g = torch.autograd.grad(ys[-1].sum(), (y0, a))
+    g_exact = torch.autograd.grad(exact.sum(), (y0, a))
+    for x, y in zip(g, g_exact, strict=True):
+        assert _rel(x, y) <= 1e-13

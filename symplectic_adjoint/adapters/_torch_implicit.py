@@ -949,16 +949,21 @@ class TransposedSolves:
         xb, tau = self.graphs.pull(g, kb)
         return xb, tau, carry
 
-    def _inverse_T(self, pre: _Linear, gamma: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _inverse_T(self, pre: _Linear,
+                   gamma: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:  # fmt: skip
         """``r -> P^{-T} r`` with ``P = I - gamma J_pre`` as one (batched) product with the
         explicit inverse: a preconditioner need not be backward stable (the refinement's
         residuals are exact products), and a product is several times cheaper than a
-        triangular solve on small blocks."""
+        triangular solve on small blocks. ``None`` when ``P`` is singular: a carried
+        ``J_pre`` meets this step's ``gamma`` for the first time (another step size), so
+        ``P`` may be singular where the step's own matrices are not."""
         key = ("inverse_T", gamma)
         if key not in pre.factors:
             assert pre.J is not None
-            inv = torch.linalg.inv(_identity_minus(pre.J, gamma)).mT
-            pre.factors[key] = (inv, inv)  # (the cache holds pairs)
+            inv, info = torch.linalg.inv_ex(_identity_minus(pre.J, gamma))
+            if bool((info != 0).any()):
+                return None
+            pre.factors[key] = (inv.mT, inv.mT)  # (the cache holds pairs)
         inv = pre.factors[key][0]
         if self.mode == "per_sample":
             return lambda r: (inv @ r.reshape(r.shape[0], -1, 1)).view_as(r)
@@ -977,6 +982,8 @@ class TransposedSolves:
         dtype = c.dtype
         tol, tiny = REFINE_ULPS * torch.finfo(dtype).eps, torch.finfo(dtype).tiny
         precond = self._inverse_T(self.pre, gamma)
+        if precond is None:
+            return None
         rows = c.shape[0] if self.mode == "per_sample" else 1
         nc = torch.linalg.vector_norm(c.reshape(rows, -1), dim=1)
 
