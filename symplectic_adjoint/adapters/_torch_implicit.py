@@ -989,7 +989,9 @@ class TransposedSolves:
 
         def step(kb: torch.Tensor, u: Any, prev: torch.Tensor) -> tuple:
             """The correction ``d``, its row norms, the contraction ``rate`` (the largest
-            ratio of ``d``'s row norms to ``prev``'s) and ``q``, the largest ratio of
+            ratio of ``d``'s row norms to ``prev``'s over the rows not yet within their
+            rounding bounds: a converged row's corrections are rounding noise, which does
+            not shrink, and must not fail the others) and ``q``, the largest ratio of
             ``d``'s row norms to the rows' rounding bounds (``d`` is within the bounds when
             ``q <= 1``). Few tensor operations and one sync: this runs once or twice per
             stage."""
@@ -998,7 +1000,10 @@ class TransposedSolves:
             norms = torch.linalg.vector_norm(torch.stack((d, kb, Ju)).view(3, rows, -1), dim=2)
             nd = norms[0]
             bound = (nc + norms[1] + norms[2]).mul_(tol)
-            rate, q = (nd / torch.stack((prev, bound)).clamp_min_(tiny)).amax(dim=1).tolist()
+            ratios = nd / torch.stack((prev, bound)).clamp_min_(tiny)
+            # ``not <=`` keeps a nan row open (and its nan rate fails the refinement)
+            ratios[0].masked_fill_(ratios[1] <= 1.0, 0.0)
+            rate, q = ratios.amax(dim=1).tolist()
             return d, nd, rate, q
 
         kb = precond(c)
