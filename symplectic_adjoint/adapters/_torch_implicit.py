@@ -900,6 +900,7 @@ class TransposedSolves:
         self.refine = newton.opts.adjoint_solve == "refine" and self.mode != "gmres"
         self.pre: _Linear | None = start if self.refine else None  # the preconditioner
         self.kept: dict[int, Any] = dict(kept or {})  # stage -> graph, for its VJP later
+        self.used: set[Any] = set()  # the keys of the inverses this step used (carried())
 
     def carried(self) -> _Linear | None:
         """The preconditioner in use at the end, for the previous step's solves (the
@@ -911,9 +912,11 @@ class TransposedSolves:
             return None
         out = _Linear.__new__(_Linear)
         out.mode, out.shape, out.J = pre.mode, pre.shape, pre.J
-        # Only the inverses: they are keyed by ``h a_ii`` (the step size in the key), the
-        # forward's LU factors by ``a_ii`` alone (its step size fixed).
-        out.factors = {key: v for key, v in pre.factors.items() if isinstance(key, tuple)}
+        # Only the inverses this step used: they are keyed by ``h a_ii`` (the step size in
+        # the key), the forward's LU factors by ``a_ii`` alone (its step size fixed); an
+        # adaptive solve's sizes seldom recur, and keeping every one's inverse held one
+        # ``B n^2`` matrix per step of the reverse pass while the Jacobian was carried.
+        out.factors = {key: v for key, v in pre.factors.items() if key in self.used}
         return out
 
     def _linear(self, g: Any) -> _GraphLinear:
@@ -958,6 +961,7 @@ class TransposedSolves:
         ``J_pre`` meets this step's ``gamma`` for the first time (another step size), so
         ``P`` may be singular where the step's own matrices are not."""
         key = ("inverse_T", gamma)
+        self.used.add(key)
         if key not in pre.factors:
             assert pre.J is not None
             inv, info = torch.linalg.inv_ex(_identity_minus(pre.J, gamma))
