@@ -425,3 +425,35 @@ def test_carried_preconditioner_holds_only_this_steps_inverses(method: str, monk
     torch.autograd.grad(ys[-1].sum(), (y0, k))
     assert stats.n_steps >= 20 and len(held) == stats.n_steps
     assert max(held) == 1
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(linear_solver="gmres", gmres_restart=0), "gmres_restart=0: use a positive int"),
+        (dict(linear_solver="gmres", gmres_rtol=-1.0), "gmres_rtol=-1.0"),
+        (dict(max_newton_iters=2.5), "max_newton_iters=2.5: use a positive int"),
+        (dict(per_sample="no"), "per_sample='no': use True or False"),
+        (dict(newton_atol=float("inf")), "newton_atol=inf: both must be finite"),
+        (dict(newton_rtol="tight"), "newton_rtol='tight': use a number"),
+    ],
+)
+def test_meaningless_solver_options_are_refused_at_call_time(bad: dict, match: str) -> None:
+    """Once: a bare AssertionError inside GMRES (restart 0), an 'INTERNAL ASSERT FAILED'
+    from torch.linalg.lstsq (negative rtol), 2.5 iterations quietly made 2, 'no' read as
+    True, and an infinite tolerance accepting Newton's first iterate."""
+    with pytest.raises(ValueError, match=match):
+        odeint(lambda t, y: -(y**3), torch.ones(1, 2, dtype=F64),
+               torch.tensor([0.0, 1.0], dtype=F64), method="sdirk2",
+               options=dict(step_size=0.25, **bad))  # fmt: skip
+
+
+def test_integer_options_accept_numpy_and_tensor_integers() -> None:
+    np = pytest.importorskip("numpy")
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ref = odeint(lambda t, y: -(y**3), torch.ones(2, dtype=F64), t, method="sdirk2",
+                 options=dict(step_size=0.25))  # fmt: skip
+    ys = odeint(lambda t, y: -(y**3), torch.ones(2, dtype=F64), t, method="sdirk2",
+                options=dict(step_size=0.25, jacobian_chunk_size=np.int64(1),
+                             max_newton_iters=torch.tensor(20)))  # fmt: skip
+    assert torch.equal(ys, ref)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, overload
 
@@ -235,7 +236,10 @@ class NewtonOptions:
                 if x.numel() != 1:
                     raise ValueError(f"{name} must be a scalar for implicit methods")
                 x = x.item()
-            return float(x)
+            try:
+                return float(x)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={x!r}: use a number") from None
 
         if "max_iters" in got and "max_newton_iters" in got:
             raise ValueError("give max_newton_iters or its alias max_iters, not both")
@@ -249,23 +253,22 @@ class NewtonOptions:
             atol=scalar(got["newton_atol"], "newton_atol")
             if "newton_atol" in got
             else scalar(atol, "atol") / 100,
-            max_iters=int(got.get("max_newton_iters", got.get("max_iters", 20))),
+            max_iters=_count(got, "max_newton_iters", got.get("max_iters", 20),
+                             "Newton iterations per stage"),
             linear_solver=got.get("linear_solver", "auto"),
-            per_sample=bool(got.get("per_sample", False)),
+            per_sample=_flag(got, "per_sample"),
             jacobian=got.get("jacobian"),
             adjoint_solve=got.get("adjoint_solve", "refine"),
             gmres_rtol=float(got.get("gmres_rtol", 1e-12)),
-            gmres_restart=int(got.get("gmres_restart", 40)),
-            gmres_maxiter=int(got.get("gmres_maxiter", 400)),
-            jacobian_chunk_size=got.get("jacobian_chunk_size"),
-        )
-        chunk = opts.jacobian_chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                                  or chunk < 1):  # fmt: skip
-            raise ValueError(
-                f"jacobian_chunk_size={chunk!r}: use a positive int (basis vectors per batched "
-                "VJP) or None (all at once)"
-            )
+            gmres_restart=_count(got, "gmres_restart", 40, "Krylov vectors per cycle"),
+            gmres_maxiter=_count(got, "gmres_maxiter", 400, "operator applications"),
+            jacobian_chunk_size=None
+            if got.get("jacobian_chunk_size") is None
+            else _count(got, "jacobian_chunk_size", None,
+                        "basis vectors per batched VJP; None: all at once"),
+        )  # fmt: skip
+        if not 0 < opts.gmres_rtol < math.inf:
+            raise ValueError(f"gmres_rtol={opts.gmres_rtol!r}: use a finite relative residual > 0")
         if opts.linear_solver not in ("auto", "dense", "gmres"):
             raise ValueError(
                 f"linear_solver={opts.linear_solver!r}: use 'dense', 'gmres' or 'auto'"
@@ -280,14 +283,35 @@ class NewtonOptions:
                 f"adjoint_solve={opts.adjoint_solve!r}: use 'refine' (one factorisation per "
                 "step, refined to rounding) or 'fresh' (a Jacobian per stage)"
             )
-        if opts.max_iters < 1:
-            raise ValueError("max_newton_iters must be >= 1")
-        if not (opts.rtol >= 0 and opts.atol >= 0 and opts.rtol + opts.atol > 0):
+        # (finite: an infinite tolerance accepts Newton's first iterate, whatever it is)
+        if not (0 <= opts.rtol < math.inf and 0 <= opts.atol < math.inf
+                and opts.rtol + opts.atol > 0):  # fmt: skip
             raise ValueError(
-                f"newton_rtol={opts.rtol:g}, newton_atol={opts.atol:g}: both must be >= 0 and "
-                "one of them > 0"
+                f"newton_rtol={opts.rtol:g}, newton_atol={opts.atol:g}: both must be finite and "
+                ">= 0, and one of them > 0"
             )
         return opts
+
+
+def _count(got: dict, name: str, default: Any, what: str) -> int:
+    """``got[name]`` (else ``default``) as a positive int: an integer of any kind (NumPy's,
+    a 0-d integer tensor), never a bool or a float (``int(2.5)`` would quietly give 2)."""
+    x = got.get(name, default)
+    try:
+        n = None if isinstance(x, bool) else operator.index(x)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{name}={x!r}: use a positive int ({what})")
+    return n
+
+
+def _flag(got: dict, name: str) -> bool:
+    """``got[name]`` as a bool; a string is refused (``bool("no")`` is ``True``)."""
+    x = got.get(name, False)
+    if isinstance(x, str) or x not in (True, False):
+        raise ValueError(f"{name}={x!r}: use True or False")
+    return bool(x)
 
 
 # -------------------------------------------------------------------------- GMRES
