@@ -169,7 +169,8 @@ class NewtonOptions:
             :data:`DENSE_MAX` unknowns).
         per_sample: the field acts on each row of the leading batch dimension separately,
             so its Jacobian is block diagonal (``B`` blocks ``n x n`` from ``n`` batched VJPs;
-            never a ``(B n)^2`` matrix).
+            never a ``(B n)^2`` matrix). A field whose row 0 reads other rows (a batch mean)
+            is refused at the solve's first Jacobian (:func:`_check_rows`).
         jacobian: where the forward's Newton matrix is linearised. ``"step"`` (the default
             with a dense or per-sample Jacobian; simplified Newton): once per step at
             ``(t_n, y_n)``, factorised once per distinct ``a_ii`` (Gauss/Radau: the
@@ -503,6 +504,33 @@ def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
     return rows.reshape(n, B, n).transpose(0, 1) if per_sample else rows.reshape(N, N)
 
 
+def _check_rows(fn: Field, t: torch.Tensor, x: torch.Tensor) -> None:
+    """Refuse a field that mixes the rows of the batch under ``per_sample=True`` (a batch
+    mean, batch norm, attention over the batch): its block-diagonal Jacobian would be wrong,
+    and while Newton still converges (its residuals are exact), the transposed solves are
+    not: a silently wrong gradient (3e-4 off on a field reading ``y.mean(0)``). One VJP, at
+    the solve's first Jacobian, with a cotangent in row 0 only: rows that do not feed row
+    0's output get exact zeros. It sees only what feeds row 0 (the common batch-wide
+    statistics do). An evaluation of its own: the first slope's graph may not reach
+    ``x`` (see :meth:`Newton.first_slope`)."""
+    if x.shape[0] < 2:
+        return
+    z = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(t, z)
+    if not out.requires_grad:
+        return
+    cot = torch.zeros_like(out)
+    cot[0] = torch.linspace(1.0, 2.0, out[0].numel(), dtype=out.dtype).view_as(out[0])
+    (g,) = torch.autograd.grad(out, z, cot, allow_unused=True)
+    if g is not None and bool((g[1:] != 0).any()):
+        raise ValueError(
+            "options['per_sample']=True, but func mixes the rows of the batch (row 0 of "
+            "func(t, y) depends on other rows of y): its Jacobian is not block diagonal. "
+            "Drop per_sample (a dense Jacobian, or linear_solver='gmres')"
+        )
+
+
 def _lu_factor(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LU factors; a singular matrix raises ``LinAlgError`` (``lu_factor`` raises a bare
     ``RuntimeError``), which Newton turns into :class:`NewtonConvergenceError`."""
@@ -546,11 +574,15 @@ class Newton:
         self.iterations = 0  # Newton iterations, all stages, all steps (statistics)
         self.n_jacobians = 0  # linearisations (Jacobians built), forward and backward
         self.n_refine_fallbacks = 0  # backward stages refined in vain (TransposedSolves)
+        self._rows_checked = False  # per_sample's contract, checked at the first Jacobian
 
     # ------------------------------------------------------------------ linear algebra
     def linear(self, fn: Field, t: torch.Tensor, x: torch.Tensor,
                graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Linear:  # fmt: skip
         """The Jacobian at ``(t, x)``; ``graph``: an evaluation there (:meth:`first_slope`)."""
+        if self.mode == "per_sample" and not self._rows_checked:
+            self._rows_checked = True
+            _check_rows(fn, t, x)
         self.n_jacobians += 1
         return _Linear(fn, t, x, self.mode, graph, self.opts.jacobian_chunk_size)
 
