@@ -15,7 +15,7 @@ nn = torch.nn
 
 from symplectic_adjoint import odeint  # noqa: E402
 from symplectic_adjoint.adapters._torch_implicit import NewtonConvergenceError  # noqa: E402
-from symplectic_adjoint.adapters.torchdiffeq import odeint_event  # noqa: E402
+from symplectic_adjoint.adapters.torchdiffeq import SolveStats, odeint_event  # noqa: E402
 
 F64 = torch.float64
 TIGHT = dict(newton_rtol=1e-12, newton_atol=1e-14)
@@ -332,3 +332,145 @@ def test_odeint_event_with_an_implicit_method_matches_backprop(method: str) -> N
         out.append((float(event_t.detach()), torch.autograd.grad(event_t + sol[-1].sum(), k)[0]))
     assert out[0][0] == out[1][0]
     assert _rel(out[0][1], out[1][1]) <= 1e-8
+
+
+# ------------------------------------------------------------------ found by breakd
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_carried_preconditioner_singular_at_a_new_step_size(per_sample: bool) -> None:
+    """Stored stages carry the reverse pass's preconditioner J_p to the previous step, whose
+    step size differs: f = a1 y after t = 0.5 with a1 = 8, and steps 0.125 before it, so
+    I - 0.125 J_p = 0 exactly while every step's own Newton matrix is regular. The backward
+    once raised torch's bare LinAlgError from linalg.inv; now that step's solve uses its own
+    Jacobian. Reference: the exact implicit Euler map, prod (1 - h_n a(t_{n+1}))^-1."""
+    a = torch.tensor([-1.0, 8.0], dtype=F64, requires_grad=True)
+
+    def f(t, y):  # stiffness switching at t = 0.5: the rate a1 read from t > 0.5 on
+        return (a[0] if float(t) <= 0.5 else a[1]) * y
+
+    grid = torch.tensor([0.0, 0.125, 0.25, 0.375, 0.5, 0.5625, 0.625], dtype=F64)
+    y0 = torch.tensor([[1.5]], dtype=F64, requires_grad=True)
+    ys = odeint(f, y0, grid[[0, -1]], method="implicit_euler", checkpoint="stages",
+                options=dict(grid_constructor=lambda *_: grid, per_sample=per_sample),
+                adjoint_params=(a,))  # fmt: skip
+    exact = y0 / ((1 - 0.125 * a[0]) ** 4 * (1 - 0.0625 * a[1]) ** 2)
+    assert _rel(ys[-1].detach(), exact.detach()) <= 1e-14
+    g = torch.autograd.grad(ys[-1].sum(), (y0, a))
+    g_exact = torch.autograd.grad(exact.sum(), (y0, a))
+    for x, y in zip(g, g_exact, strict=True):
+        assert _rel(x, y) <= 1e-13
+
+
+@pytest.mark.parametrize("method", [pytest.param("kvaerno3", marks=pytest.mark.slow), "kvaerno5"])
+def test_per_sample_refinement_is_not_failed_by_a_converged_row(method: str) -> None:
+    """Rows of very different size (one almost linear): with per_sample each row's
+    refinement converges at its own pace, and a row already at rounding level shows
+    corrections that no longer shrink. That row's rate once failed the whole stage: 114 of
+    the 116 stages (kvaerno5) fell back to a fresh Jacobian (dense: 11). Gradients equal
+    the fresh solves' (1e-12) and backprop through converged Newton (1e-8)."""
+    k = torch.tensor([1.0, 50.0], dtype=F64, requires_grad=True)
+
+    def f(t, y):
+        return -k * y - 10 * y**3 + torch.sin(3 * t)
+
+    t = torch.tensor([0.0, 0.3], dtype=F64)
+    grads, fallbacks = {}, {}
+    runs = [("symplectic", True, "refine"), ("symplectic", False, "refine"),
+            ("symplectic", True, "fresh"), ("backprop", True, "")]  # fmt: skip
+    for adjoint, per_sample, solve in runs:
+        y0 = torch.tensor([[1e-3, 2e-3], [2.0, -1.5], [0.5, 1.0]], dtype=F64, requires_grad=True)
+        stats = SolveStats()
+        opts = dict(first_step=0.01, per_sample=per_sample, **TIGHT)
+        if solve:
+            opts.update(adjoint_solve=solve)
+        kw = dict(checkpoint="stages", stats=stats) if adjoint == "symplectic" else {}
+        ys = odeint(f, y0, t, method=method, rtol=1e-6, atol=1e-8, options=opts,
+                    adjoint=adjoint, **kw)  # fmt: skip
+        w = torch.linspace(-1, 1, ys.numel(), dtype=F64).view_as(ys)
+        grads[adjoint, per_sample, solve] = torch.autograd.grad((w * ys).sum(), (y0, k))
+        fallbacks[per_sample, solve] = stats.n_refine_fallbacks
+    assert fallbacks[True, "refine"] <= fallbacks[False, "refine"] + 3  # was 10x as many
+    got = grads["symplectic", True, "refine"]
+    for a, b, c in zip(got, grads["symplectic", True, "fresh"], grads["backprop", True, ""],
+                       strict=True):  # fmt: skip
+        assert _rel(a, b) <= 1e-12 and _rel(a, c) <= 1e-8
+
+
+@pytest.mark.parametrize("method", [pytest.param("kvaerno3", marks=pytest.mark.slow), "kvaerno5"])
+def test_carried_preconditioner_holds_only_this_steps_inverses(method: str, monkeypatch) -> None:
+    """A smooth adaptive solve carries one Jacobian through its whole reverse pass; the
+    preconditioner's inverses are keyed by h a_ii, and it once kept every step size's:
+    one B n^2 matrix per reverse step (up to 41 with kvaerno5 here, 601 with kvaerno3). Now
+    the inverses of the step just reversed only (one per distinct a_ii: one for Kvaerno)."""
+    from symplectic_adjoint.adapters import _torch_implicit
+
+    held = []
+    carried = _torch_implicit.TransposedSolves.carried
+
+    def spy(self):
+        out = carried(self)
+        if out is not None:
+            held.append(len(out.factors))
+        return out
+
+    monkeypatch.setattr(_torch_implicit.TransposedSolves, "carried", spy)
+    k = torch.tensor([1.0, 50.0], dtype=F64, requires_grad=True)
+    torch.manual_seed(0)
+    y0 = torch.randn(16, 2, dtype=F64, requires_grad=True)
+    stats = SolveStats()
+    ys = odeint(lambda t, y: -k * y - torch.tanh(y) + torch.sin(3 * t), y0,
+                torch.tensor([0.0, 1.0], dtype=F64), method=method, checkpoint="stages",
+                options=dict(first_step=0.01, per_sample=True), stats=stats)  # fmt: skip
+    torch.autograd.grad(ys[-1].sum(), (y0, k))
+    assert stats.n_steps >= 20 and len(held) == stats.n_steps
+    assert max(held) == 1
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(linear_solver="gmres", gmres_restart=0), "gmres_restart=0: use a positive int"),
+        (dict(linear_solver="gmres", gmres_rtol=-1.0), "gmres_rtol=-1.0"),
+        (dict(max_newton_iters=2.5), "max_newton_iters=2.5: use a positive int"),
+        (dict(per_sample="no"), "per_sample='no': use True or False"),
+        (dict(newton_atol=float("inf")), "newton_atol=inf: both must be finite"),
+        (dict(newton_rtol="tight"), "newton_rtol='tight': use a number"),
+    ],
+)
+def test_meaningless_solver_options_are_refused_at_call_time(bad: dict, match: str) -> None:
+    """Once: a bare AssertionError inside GMRES (restart 0), an 'INTERNAL ASSERT FAILED'
+    from torch.linalg.lstsq (negative rtol), 2.5 iterations quietly made 2, 'no' read as
+    True, and an infinite tolerance accepting Newton's first iterate."""
+    with pytest.raises(ValueError, match=match):
+        odeint(lambda t, y: -(y**3), torch.ones(1, 2, dtype=F64),
+               torch.tensor([0.0, 1.0], dtype=F64), method="sdirk2",
+               options=dict(step_size=0.25, **bad))  # fmt: skip
+
+
+def test_integer_options_accept_numpy_and_tensor_integers() -> None:
+    np = pytest.importorskip("numpy")
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ref = odeint(lambda t, y: -(y**3), torch.ones(2, dtype=F64), t, method="sdirk2",
+                 options=dict(step_size=0.25))  # fmt: skip
+    ys = odeint(lambda t, y: -(y**3), torch.ones(2, dtype=F64), t, method="sdirk2",
+                options=dict(step_size=0.25, jacobian_chunk_size=np.int64(1),
+                             max_newton_iters=torch.tensor(20)))  # fmt: skip
+    assert torch.equal(ys, ref)
+
+
+@pytest.mark.parametrize("adjoint", ["symplectic", "backprop"])
+@pytest.mark.parametrize("method", ["trbdf2", "radauIIA3", "kvaerno5"])
+def test_per_sample_with_a_field_that_mixes_rows_is_refused(method: str, adjoint: str) -> None:
+    """A batch mean in func breaks per_sample's block-diagonal Jacobian. Newton still
+    converged (exact residuals; forward values within 3e-11), but the symplectic
+    gradient was 3e-4 off, silently. Now refused at call time, naming the fix."""
+    k = torch.tensor([1.0, 30.0], dtype=F64, requires_grad=True)
+
+    def f(t, y):
+        return -k * y + 5.0 * torch.tanh(y.mean(0, keepdim=True)) - y**3
+
+    y0 = torch.tensor([[1.0, 0.5], [0.2, -1.0], [0.3, 0.3]], dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="per_sample.*mixes the rows.*Drop per_sample"):
+        odeint(f, y0, torch.tensor([0.0, 1.0], dtype=F64), method=method, adjoint=adjoint,
+               options=_opts(method, per_sample=True))  # fmt: skip

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, overload
 
@@ -168,7 +169,8 @@ class NewtonOptions:
             :data:`DENSE_MAX` unknowns).
         per_sample: the field acts on each row of the leading batch dimension separately,
             so its Jacobian is block diagonal (``B`` blocks ``n x n`` from ``n`` batched VJPs;
-            never a ``(B n)^2`` matrix).
+            never a ``(B n)^2`` matrix). A field whose row 0 reads other rows (a batch mean)
+            is refused at the solve's first Jacobian (:func:`_check_rows`).
         jacobian: where the forward's Newton matrix is linearised. ``"step"`` (the default
             with a dense or per-sample Jacobian; simplified Newton): once per step at
             ``(t_n, y_n)``, factorised once per distinct ``a_ii`` (Gauss/Radau: the
@@ -235,7 +237,10 @@ class NewtonOptions:
                 if x.numel() != 1:
                     raise ValueError(f"{name} must be a scalar for implicit methods")
                 x = x.item()
-            return float(x)
+            try:
+                return float(x)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={x!r}: use a number") from None
 
         if "max_iters" in got and "max_newton_iters" in got:
             raise ValueError("give max_newton_iters or its alias max_iters, not both")
@@ -249,23 +254,22 @@ class NewtonOptions:
             atol=scalar(got["newton_atol"], "newton_atol")
             if "newton_atol" in got
             else scalar(atol, "atol") / 100,
-            max_iters=int(got.get("max_newton_iters", got.get("max_iters", 20))),
+            max_iters=_count(got, "max_newton_iters", got.get("max_iters", 20),
+                             "Newton iterations per stage"),
             linear_solver=got.get("linear_solver", "auto"),
-            per_sample=bool(got.get("per_sample", False)),
+            per_sample=_flag(got, "per_sample"),
             jacobian=got.get("jacobian"),
             adjoint_solve=got.get("adjoint_solve", "refine"),
             gmres_rtol=float(got.get("gmres_rtol", 1e-12)),
-            gmres_restart=int(got.get("gmres_restart", 40)),
-            gmres_maxiter=int(got.get("gmres_maxiter", 400)),
-            jacobian_chunk_size=got.get("jacobian_chunk_size"),
-        )
-        chunk = opts.jacobian_chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                                  or chunk < 1):  # fmt: skip
-            raise ValueError(
-                f"jacobian_chunk_size={chunk!r}: use a positive int (basis vectors per batched "
-                "VJP) or None (all at once)"
-            )
+            gmres_restart=_count(got, "gmres_restart", 40, "Krylov vectors per cycle"),
+            gmres_maxiter=_count(got, "gmres_maxiter", 400, "operator applications"),
+            jacobian_chunk_size=None
+            if got.get("jacobian_chunk_size") is None
+            else _count(got, "jacobian_chunk_size", None,
+                        "basis vectors per batched VJP; None: all at once"),
+        )  # fmt: skip
+        if not 0 < opts.gmres_rtol < math.inf:
+            raise ValueError(f"gmres_rtol={opts.gmres_rtol!r}: use a finite relative residual > 0")
         if opts.linear_solver not in ("auto", "dense", "gmres"):
             raise ValueError(
                 f"linear_solver={opts.linear_solver!r}: use 'dense', 'gmres' or 'auto'"
@@ -280,14 +284,35 @@ class NewtonOptions:
                 f"adjoint_solve={opts.adjoint_solve!r}: use 'refine' (one factorisation per "
                 "step, refined to rounding) or 'fresh' (a Jacobian per stage)"
             )
-        if opts.max_iters < 1:
-            raise ValueError("max_newton_iters must be >= 1")
-        if not (opts.rtol >= 0 and opts.atol >= 0 and opts.rtol + opts.atol > 0):
+        # (finite: an infinite tolerance accepts Newton's first iterate, whatever it is)
+        if not (0 <= opts.rtol < math.inf and 0 <= opts.atol < math.inf
+                and opts.rtol + opts.atol > 0):  # fmt: skip
             raise ValueError(
-                f"newton_rtol={opts.rtol:g}, newton_atol={opts.atol:g}: both must be >= 0 and "
-                "one of them > 0"
+                f"newton_rtol={opts.rtol:g}, newton_atol={opts.atol:g}: both must be finite and "
+                ">= 0, and one of them > 0"
             )
         return opts
+
+
+def _count(got: dict, name: str, default: Any, what: str) -> int:
+    """``got[name]`` (else ``default``) as a positive int: an integer of any kind (NumPy's,
+    a 0-d integer tensor), never a bool or a float (``int(2.5)`` would quietly give 2)."""
+    x = got.get(name, default)
+    try:
+        n = None if isinstance(x, bool) else operator.index(x)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{name}={x!r}: use a positive int ({what})")
+    return n
+
+
+def _flag(got: dict, name: str) -> bool:
+    """``got[name]`` as a bool; a string is refused (``bool("no")`` is ``True``)."""
+    x = got.get(name, False)
+    if isinstance(x, str) or x not in (True, False):
+        raise ValueError(f"{name}={x!r}: use True or False")
+    return bool(x)
 
 
 # -------------------------------------------------------------------------- GMRES
@@ -479,6 +504,33 @@ def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
     return rows.reshape(n, B, n).transpose(0, 1) if per_sample else rows.reshape(N, N)
 
 
+def _check_rows(fn: Field, t: torch.Tensor, x: torch.Tensor) -> None:
+    """Refuse a field that mixes the rows of the batch under ``per_sample=True`` (a batch
+    mean, batch norm, attention over the batch): its block-diagonal Jacobian would be wrong,
+    and while Newton still converges (its residuals are exact), the transposed solves are
+    not: a silently wrong gradient (3e-4 off on a field reading ``y.mean(0)``). One VJP, at
+    the solve's first Jacobian, with a cotangent in row 0 only: rows that do not feed row
+    0's output get exact zeros. It sees only what feeds row 0 (the common batch-wide
+    statistics do). An evaluation of its own: the first slope's graph may not reach
+    ``x`` (see :meth:`Newton.first_slope`)."""
+    if x.shape[0] < 2:
+        return
+    z = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(t, z)
+    if not out.requires_grad:
+        return
+    cot = torch.zeros_like(out)
+    cot[0] = torch.linspace(1.0, 2.0, out[0].numel(), dtype=out.dtype).view_as(out[0])
+    (g,) = torch.autograd.grad(out, z, cot, allow_unused=True)
+    if g is not None and bool((g[1:] != 0).any()):
+        raise ValueError(
+            "options['per_sample']=True, but func mixes the rows of the batch (row 0 of "
+            "func(t, y) depends on other rows of y): its Jacobian is not block diagonal. "
+            "Drop per_sample (a dense Jacobian, or linear_solver='gmres')"
+        )
+
+
 def _lu_factor(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LU factors; a singular matrix raises ``LinAlgError`` (``lu_factor`` raises a bare
     ``RuntimeError``), which Newton turns into :class:`NewtonConvergenceError`."""
@@ -522,11 +574,15 @@ class Newton:
         self.iterations = 0  # Newton iterations, all stages, all steps (statistics)
         self.n_jacobians = 0  # linearisations (Jacobians built), forward and backward
         self.n_refine_fallbacks = 0  # backward stages refined in vain (TransposedSolves)
+        self._rows_checked = False  # per_sample's contract, checked at the first Jacobian
 
     # ------------------------------------------------------------------ linear algebra
     def linear(self, fn: Field, t: torch.Tensor, x: torch.Tensor,
                graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Linear:  # fmt: skip
         """The Jacobian at ``(t, x)``; ``graph``: an evaluation there (:meth:`first_slope`)."""
+        if self.mode == "per_sample" and not self._rows_checked:
+            self._rows_checked = True
+            _check_rows(fn, t, x)
         self.n_jacobians += 1
         return _Linear(fn, t, x, self.mode, graph, self.opts.jacobian_chunk_size)
 
@@ -900,6 +956,7 @@ class TransposedSolves:
         self.refine = newton.opts.adjoint_solve == "refine" and self.mode != "gmres"
         self.pre: _Linear | None = start if self.refine else None  # the preconditioner
         self.kept: dict[int, Any] = dict(kept or {})  # stage -> graph, for its VJP later
+        self.used: set[Any] = set()  # the keys of the inverses this step used (carried())
 
     def carried(self) -> _Linear | None:
         """The preconditioner in use at the end, for the previous step's solves (the
@@ -911,9 +968,11 @@ class TransposedSolves:
             return None
         out = _Linear.__new__(_Linear)
         out.mode, out.shape, out.J = pre.mode, pre.shape, pre.J
-        # Only the inverses: they are keyed by ``h a_ii`` (the step size in the key), the
-        # forward's LU factors by ``a_ii`` alone (its step size fixed).
-        out.factors = {key: v for key, v in pre.factors.items() if isinstance(key, tuple)}
+        # Only the inverses this step used: they are keyed by ``h a_ii`` (the step size in
+        # the key), the forward's LU factors by ``a_ii`` alone (its step size fixed); an
+        # adaptive solve's sizes seldom recur, and keeping every one's inverse held one
+        # ``B n^2`` matrix per step of the reverse pass while the Jacobian was carried.
+        out.factors = {key: v for key, v in pre.factors.items() if key in self.used}
         return out
 
     def _linear(self, g: Any) -> _GraphLinear:
@@ -949,16 +1008,22 @@ class TransposedSolves:
         xb, tau = self.graphs.pull(g, kb)
         return xb, tau, carry
 
-    def _inverse_T(self, pre: _Linear, gamma: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _inverse_T(self, pre: _Linear,
+                   gamma: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:  # fmt: skip
         """``r -> P^{-T} r`` with ``P = I - gamma J_pre`` as one (batched) product with the
         explicit inverse: a preconditioner need not be backward stable (the refinement's
         residuals are exact products), and a product is several times cheaper than a
-        triangular solve on small blocks."""
+        triangular solve on small blocks. ``None`` when ``P`` is singular: a carried
+        ``J_pre`` meets this step's ``gamma`` for the first time (another step size), so
+        ``P`` may be singular where the step's own matrices are not."""
         key = ("inverse_T", gamma)
+        self.used.add(key)
         if key not in pre.factors:
             assert pre.J is not None
-            inv = torch.linalg.inv(_identity_minus(pre.J, gamma)).mT
-            pre.factors[key] = (inv, inv)  # (the cache holds pairs)
+            inv, info = torch.linalg.inv_ex(_identity_minus(pre.J, gamma))
+            if bool((info != 0).any()):
+                return None
+            pre.factors[key] = (inv.mT, inv.mT)  # (the cache holds pairs)
         inv = pre.factors[key][0]
         if self.mode == "per_sample":
             return lambda r: (inv @ r.reshape(r.shape[0], -1, 1)).view_as(r)
@@ -977,6 +1042,8 @@ class TransposedSolves:
         dtype = c.dtype
         tol, tiny = REFINE_ULPS * torch.finfo(dtype).eps, torch.finfo(dtype).tiny
         precond = self._inverse_T(self.pre, gamma)
+        if precond is None:
+            return None
         rows = c.shape[0] if self.mode == "per_sample" else 1
         gam = float(gamma)  # the reverse pass is not recorded: a number suffices
         # The rows' rounding bounds, tol (|c| + |kbar| + |gamma| |J^T kbar|): the first
@@ -986,7 +1053,9 @@ class TransposedSolves:
 
         def step(kb: torch.Tensor, u: Any, prev: torch.Tensor) -> tuple:
             """The correction ``d``, its row norms, the contraction ``rate`` (the largest
-            ratio of ``d``'s row norms to ``prev``'s) and ``q``, the largest ratio of
+            ratio of ``d``'s row norms to ``prev``'s over the rows not yet within their
+            rounding bounds: a converged row's corrections are rounding noise, which does
+            not shrink, and must not fail the others) and ``q``, the largest ratio of
             ``d``'s row norms to the rows' rounding bounds (``d`` is within the bounds when
             ``q <= 1``). Few tensor operations and one sync: this runs once or twice per
             stage (``u = J^T kbar``, ``None`` for zero)."""
@@ -996,7 +1065,10 @@ class TransposedSolves:
             norms = torch.linalg.vector_norm(torch.stack((d, kb, u)).view(3, rows, -1), dim=2)
             nd = norms[0]
             bound = torch.addmv(tol_c, norms[1:].T, weights)
-            rate, q = (nd / torch.stack((prev, bound)).clamp_min_(tiny)).amax(dim=1).tolist()
+            ratios = nd / torch.stack((prev, bound)).clamp_min_(tiny)
+            # ``not <=`` keeps a nan row open (and its nan rate fails the refinement)
+            ratios[0].masked_fill_(ratios[1] <= 1.0, 0.0)
+            rate, q = ratios.amax(dim=1).tolist()
             return d, nd, rate, q
 
         kb = precond(c)
