@@ -8,6 +8,8 @@ programs that once returned a silently wrong gradient or a misleading error.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -459,16 +461,37 @@ def test_integer_options_accept_numpy_and_tensor_integers() -> None:
     assert torch.equal(ys, ref)
 
 
-@pytest.mark.parametrize("adjoint", ["symplectic", "backprop"])
-@pytest.mark.parametrize("method", ["trbdf2", "radauIIA3", "kvaerno5"])
-def test_per_sample_with_a_field_that_mixes_rows_is_refused(method: str, adjoint: str) -> None:
-    """A batch mean in func breaks per_sample's block-diagonal Jacobian. Newton still
-    converged (exact residuals; forward values within 3e-11), but the symplectic
-    gradient was 3e-4 off, silently. Now refused at call time, naming the fix."""
-    k = torch.tensor([1.0, 30.0], dtype=F64, requires_grad=True)
+def _batch_mean(k: torch.Tensor) -> Any:
+    return lambda t, y: -k * y + 5.0 * torch.tanh(y.mean(0, keepdim=True)) - y**3
+
+
+def _last_reads_first(k: torch.Tensor) -> Any:
+    """Row 0 reads no other row; the last row reads row 0 (a check of row 0 misses it)."""
 
     def f(t, y):
-        return -k * y + 5.0 * torch.tanh(y.mean(0, keepdim=True)) - y**3
+        push = torch.zeros_like(y)
+        push[-1] = 0.3 * torch.tanh(y[0])
+        return -k * y - y**3 + push
+
+    return f
+
+
+def _neighbours(k: torch.Tensor) -> Any:
+    """Each row reads the next one, cyclically (a chain of samples)."""
+    return lambda t, y: -k * y - y**3 + 0.2 * torch.roll(y, 1, dims=0)
+
+
+@pytest.mark.parametrize("field", [_batch_mean, _last_reads_first, _neighbours])
+@pytest.mark.parametrize("adjoint", ["symplectic", "backprop"])
+@pytest.mark.parametrize("method", ["trbdf2", "radauIIA3", "kvaerno5"])
+def test_per_sample_with_a_field_that_mixes_rows_is_refused(method: str, adjoint: str,
+                                                            field: Any) -> None:  # fmt: skip
+    """A batch mean (or any row reading another) in func breaks per_sample's
+    block-diagonal Jacobian. Newton still converged (exact residuals; forward values
+    within 3e-11), but the symplectic gradient was 3e-4 off, silently. Now refused at
+    call time, naming the fix."""
+    k = torch.tensor([1.0, 30.0], dtype=F64, requires_grad=True)
+    f = field(k)
 
     y0 = torch.tensor([[1.0, 0.5], [0.2, -1.0], [0.3, 0.3]], dtype=F64, requires_grad=True)
     with pytest.raises(ValueError, match="per_sample.*mixes the rows.*Drop per_sample"):

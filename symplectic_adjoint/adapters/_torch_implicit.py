@@ -169,8 +169,8 @@ class NewtonOptions:
             :data:`DENSE_MAX` unknowns).
         per_sample: the field acts on each row of the leading batch dimension separately,
             so its Jacobian is block diagonal (``B`` blocks ``n x n`` from ``n`` batched VJPs;
-            never a ``(B n)^2`` matrix). A field whose row 0 reads other rows (a batch mean)
-            is refused at the solve's first Jacobian (:func:`_check_rows`).
+            never a ``(B n)^2`` matrix). A field whose rows read other rows (a batch mean, a
+            neighbour) is refused at the solve's first Jacobian (:func:`_check_rows`).
         jacobian: where the forward's Newton matrix is linearised. ``"step"`` (the default
             with a dense or per-sample Jacobian; simplified Newton): once per step at
             ``(t_n, y_n)``, factorised once per distinct ``a_ii`` (Gauss/Radau: the
@@ -506,26 +506,42 @@ def graph_jacobian(out: torch.Tensor, z: torch.Tensor, *, per_sample: bool,
 
 def _check_rows(fn: Field, t: torch.Tensor, x: torch.Tensor) -> None:
     """Refuse a field that mixes the rows of the batch under ``per_sample=True`` (a batch
-    mean, batch norm, attention over the batch): its block-diagonal Jacobian would be wrong,
-    and while Newton still converges (its residuals are exact), the transposed solves are
-    not: a silently wrong gradient (3e-4 off on a field reading ``y.mean(0)``). One VJP, at
-    the solve's first Jacobian, with a cotangent in row 0 only: rows that do not feed row
-    0's output get exact zeros. It sees only what feeds row 0 (the common batch-wide
-    statistics do). An evaluation of its own: the first slope's graph may not reach
+    mean, batch norm, attention over the batch, a row reading its neighbour): its
+    block-diagonal Jacobian would be wrong, and while Newton still converges (its residuals
+    are exact), the transposed solves are not: a silently wrong gradient (3e-4 off on a
+    field reading ``y.mean(0)``).
+
+    Once per solve, at its first Jacobian: the blocks ``J_b`` as the solver builds them
+    (:func:`graph_jacobian`; with mixing, ``J_b`` is the sum of the column of blocks
+    ``sum_b' J_b'b``) and one VJP with a cotangent ``v`` that differs in every row. A
+    block-diagonal field gives ``(J^T v)_b = J_b^T v_b`` to rounding; with mixing the
+    difference is ``sum_{b' != b} J_b'b^T (v_b' - v_b)``, nonzero for any coupling large
+    enough to matter (below the rounding bound it changes the gradient by less than
+    rounding does). An evaluation of its own: the first slope's graph may not reach
     ``x`` (see :meth:`Newton.first_slope`)."""
-    if x.shape[0] < 2:
+    B = x.shape[0]
+    if B < 2 or x.numel() == 0:
         return
     z = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = fn(t, z)
     if not out.requires_grad:
         return
-    cot = torch.zeros_like(out)
-    cot[0] = torch.linspace(1.0, 2.0, out[0].numel(), dtype=out.dtype).view_as(out[0])
-    (g,) = torch.autograd.grad(out, z, cot, allow_unused=True)
-    if g is not None and bool((g[1:] != 0).any()):
+    blocks = graph_jacobian(out, z, per_sample=True)  # (B, n, n)
+    # Distinct, well-scaled entries in every row: 1 + (j / numel), j the flat index.
+    v = torch.linspace(1.0, 2.0, out.numel(), dtype=out.dtype, device=out.device)
+    v = v.view_as(out)
+    (g,) = torch.autograd.grad(out, z, v, allow_unused=True)
+    if g is None:
+        return
+    rows = v.reshape(B, -1, 1)
+    expect = (blocks.mT @ rows).view(B, -1)
+    scale = (blocks.abs().mT @ rows.abs()).view(B, -1)
+    eps = torch.finfo(out.dtype).eps
+    bound = scale * (64 * eps * blocks.shape[-1]) + torch.finfo(out.dtype).tiny
+    if bool(((g.reshape(B, -1) - expect).abs() > bound).any()):
         raise ValueError(
-            "options['per_sample']=True, but func mixes the rows of the batch (row 0 of "
+            "options['per_sample']=True, but func mixes the rows of the batch (a row of "
             "func(t, y) depends on other rows of y): its Jacobian is not block diagonal. "
             "Drop per_sample (a dense Jacobian, or linear_solver='gmres')"
         )
