@@ -120,6 +120,9 @@ ADJOINT_SOLVES = ("refine", "fresh")
 
 #: The default Newton ``rtol`` is at least this many machine epsilons of the state's dtype.
 EPS_FLOOR = 10
+#: Newton's convergence scale holds this many epsilons of the stage's ``|h a_ii k|``: the
+#: rounding floor of the field's value (see :meth:`Newton._size`).
+NOISE_ULPS = 100
 
 _NEWTON_KEYS = (
     "newton_rtol", "newton_atol", "max_newton_iters", "max_iters", "linear_solver",
@@ -515,10 +518,10 @@ def _check_rows(fn: Field, t: torch.Tensor, x: torch.Tensor) -> None:
     (:func:`graph_jacobian`; with mixing, ``J_b`` is the sum of the column of blocks
     ``sum_b' J_b'b``) and one VJP with a cotangent ``v`` that differs in every row. A
     block-diagonal field gives ``(J^T v)_b = J_b^T v_b`` to rounding; with mixing the
-    difference is ``sum_{b' != b} J_b'b^T (v_b' - v_b)``, nonzero for any coupling large
-    enough to matter (below the rounding bound it changes the gradient by less than
-    rounding does). An evaluation of its own: the first slope's graph may not reach
-    ``x`` (see :meth:`Newton.first_slope`)."""
+    difference is ``sum_{b' != b} J_b'b^T (v_b' - v_b)``, refused above ``sqrt(eps)`` of
+    the row's scale (a coupling below that moves the gradient by about as little). An
+    evaluation of its own: the first slope's graph may not reach ``x`` (see
+    :meth:`Newton.first_slope`)."""
     B = x.shape[0]
     if B < 2 or x.numel() == 0:
         return
@@ -536,9 +539,11 @@ def _check_rows(fn: Field, t: torch.Tensor, x: torch.Tensor) -> None:
         return
     rows = v.reshape(B, -1, 1)
     expect = (blocks.mT @ rows).view(B, -1)
-    scale = (blocks.abs().mT @ rows.abs()).view(B, -1)
-    eps = torch.finfo(out.dtype).eps
-    bound = scale * (64 * eps * blocks.shape[-1]) + torch.finfo(out.dtype).tiny
+    # Per row, against sqrt(eps) of the row's largest term: far above the rounding of two
+    # VJPs through a deep or wide field (whose error follows its layers' sizes, not J's),
+    # far below any coupling that matters (one that small moves the gradient by less).
+    scale = (blocks.abs().mT @ rows.abs()).view(B, -1) + g.reshape(B, -1).abs()
+    bound = scale.amax(dim=1, keepdim=True) * torch.finfo(out.dtype).eps ** 0.5
     if bool(((g.reshape(B, -1) - expect).abs() > bound).any()):
         raise ValueError(
             "options['per_sample']=True, but func mixes the rows of the batch (a row of "
@@ -709,15 +714,26 @@ class Newton:
         return torch.cat(rows, dim=-2)
 
     # ------------------------------------------------------------------ nonlinear solves
-    def _size(self, dx: torch.Tensor, x: torch.Tensor, factor: float = 1.0) -> float:
+    def _size(self, dx: torch.Tensor, x: torch.Tensor, factor: float = 1.0,
+              k: torch.Tensor | None = None) -> float:  # fmt: skip
         """RMS of ``factor * dx`` scaled by ``atol + rtol |x|`` (converged when at most 1);
         not finite when ``dx`` is not. Few tensor operations and one sync: this runs once
-        per Newton iteration."""
+        per Newton iteration.
+
+        ``k``: the slope, ``x = base + factor k``; the scale then also holds
+        :data:`NOISE_ULPS` epsilons of ``|factor k|``: the rounding of the field's value
+        (a sum of many larger terms in a wide network) and of forming ``x``, below which no
+        update can shrink. Without it float32 stages stalled at 1.3-1.8 times the default
+        tolerance on a width-512 MLP and raised :class:`NewtonConvergenceError`.
+        """
         o = self.opts
         n = dx.numel()
         if n == 0:  # a zero-size state: nothing to solve
             return 0.0
         scale = x.detach().abs().mul_(o.rtol).add_(o.atol)
+        if k is not None:
+            noise = NOISE_ULPS * torch.finfo(x.dtype).eps * factor
+            scale.add_(k.detach().abs(), alpha=noise)
         rms = float(torch.linalg.vector_norm(dx.detach() / scale)) / math.sqrt(n)
         return rms * factor
 
@@ -765,7 +781,7 @@ class Newton:
                 d = self.solve(lin, gamma, r, transpose=False, key=key)
             except torch.linalg.LinAlgError as err:
                 raise self._fail(where, "the Newton matrix I - h a_ii J is singular") from err
-            size = self._size(d, x, factor)  # the update of x is gamma d
+            size = self._size(d, x, factor, k)  # the update of x is gamma d
             if not math.isfinite(size) and not bool(torch.isfinite(d).all()):
                 raise self._fail(where, "the iterate became inf/nan")
             if size <= 1.0:
@@ -811,7 +827,9 @@ class Newton:
             if not all(bool(torch.isfinite(di).all()) for di in d):
                 raise self._fail(where, "the iterate became inf/nan")
             dX = [lincomb(None, h, a[i], d) for i in range(s)]
-            size = max(self._size(dX[i], X[i]) for i in range(s) if dX[i] is not None)
+            # (the rounding floor from each stage's increment h sum_j a_ij k_j, see _size)
+            size = max(self._size(dX[i], X[i], 1.0, lincomb(None, h, a[i], k))
+                       for i in range(s) if dX[i] is not None)  # fmt: skip
             if size <= 1.0:
                 return [ki + di for ki, di in zip(k, d, strict=True)]
             if not full and self._stale(size, previous):  # as in :meth:`stage`
