@@ -438,19 +438,20 @@ class _Graphs:
         return grads[0], None
 
     def pull_x(self, g: tuple, cot: torch.Tensor) -> torch.Tensor:
+        self.n_pull_x = getattr(self, "n_pull_x", 0) + 1
         out, x = g
         return torch.autograd.grad(out, x, cot, retain_graph=True)[0] * self.skew
 
 
-def _one_reverse(method: str, solve: str, *, start_at: float | None, skew: float = 1.0):
-    """One trbdf2-like step of :class:`Stiff` and its reverse with a preconditioner from
-    the Jacobian at ``start_at * y_n`` (``None``: none given). Returns the cotangents of
-    ``y_n`` and the parameters, and the Newton object (for its counts)."""
-    func = Stiff()
+def _one_reverse(method: str, solve: str, *, start_at: float | None, skew: float = 1.0,
+                 func: torch.nn.Module | None = None, h: float = 0.2):  # fmt: skip
+    """One step of ``func`` (default :class:`Stiff`) and its reverse with a preconditioner
+    from the Jacobian at ``start_at * y_n`` (``None``: none given). Returns the cotangents
+    of ``y_n`` and the parameters, the Newton object and the graphs (for their counts)."""
+    func = Stiff() if func is None else func
     y0 = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64)
     opts = NewtonOptions(rtol=1e-12, atol=1e-12, per_sample=True, adjoint_solve=solve)
     newton = Newton(implicit_tableau(method), opts, y0.numel())
-    h = 0.2
     times = [torch.tensor(0.3 + c * h, dtype=F64) for c in newton.tableau.c]
     with torch.no_grad():
         X, _ = newton.step(func, times, y0, torch.tensor(h, dtype=F64), None, "here")
@@ -458,7 +459,40 @@ def _one_reverse(method: str, solve: str, *, start_at: float | None, skew: float
     graphs = _Graphs(func, times, skew)
     lam = torch.linspace(-1, 1, y0.numel(), dtype=F64).view_as(y0)
     res, _ = implicit_reverse_step(newton, graphs, lam, X, h, start=start)
-    return [res.y0_bar, *graphs.acc], newton
+    return [res.y0_bar, *graphs.acc], newton, graphs
+
+
+class RowLinear(torch.nn.Module):
+    """``f(t, y) = y A^T`` row by row: every stage has the same Jacobian."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        A = torch.tensor([[-50.0, 2.0, 0.0], [-2.0, -1.0, 0.5], [0.0, 0.3, -300.0]], dtype=F64)
+        self.A = torch.nn.Parameter(A)
+
+    def forward(self, t, y):
+        return y @ self.A.T
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "sdirk2"])
+def test_exact_preconditioner_takes_one_vjp_per_stage(method: str) -> None:
+    """When the preconditioner is exact to rounding (here: a linear field, every stage's
+    Jacobian the step's), the first refined stage's sweep shows it, and the later stages
+    take their final VJP directly after ``P^{-T} c``: one VJP per stage, no sweep, the
+    residual still checked with it. Gradients equal fresh solves and the exact map's."""
+    grads, counts = {}, {}
+    for solve in ("refine", "fresh"):
+        grads[solve], newton, graphs = _one_reverse(method, solve, start_at=1.0,
+                                                    func=RowLinear(), h=0.05)  # fmt: skip
+        counts[solve] = getattr(graphs, "n_pull_x", 0), newton.n_refine_fallbacks
+    assert counts["refine"] == (1, 0)  # the first refined stage's sweep only
+    y0r = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64, requires_grad=True)
+    A = RowLinear().A
+    lam = torch.linspace(-1, 1, 6, dtype=F64).view(2, 3)
+    y1 = torch.stack([_step_map(method, A, torch.tensor(0.05, dtype=F64), row) for row in y0r])
+    exact = torch.autograd.grad((lam * y1).sum(), [y0r, A])
+    for a, b, c in zip(grads["refine"], grads["fresh"], exact, strict=True):
+        assert _rel(a, b) <= 1e-12 and _rel(a, c) <= 1e-12
 
 
 @pytest.mark.parametrize("method", ["sdirk2", "trbdf2"])
@@ -466,10 +500,10 @@ def test_refinement_falls_back_to_a_fresh_jacobian_when_it_does_not_contract(met
     """A preconditioner from far away (the cubic term 900x stiffer there) contracts by less
     than REFINE_RATE: each stage falls back to its own Jacobian (never an unconverged
     solve); a preconditioner at y_n needs no fallback. Both equal the fresh solves."""
-    ref, _ = _one_reverse(method, "fresh", start_at=None)
-    poor, newton = _one_reverse(method, "refine", start_at=30.0)
+    ref, _, _ = _one_reverse(method, "fresh", start_at=None)
+    poor, newton, _ = _one_reverse(method, "refine", start_at=30.0)
     assert newton.n_refine_fallbacks >= 1
-    good, newton_good = _one_reverse(method, "refine", start_at=1.0)
+    good, newton_good, _ = _one_reverse(method, "refine", start_at=1.0)
     assert newton_good.n_refine_fallbacks == 0
     for a, b, c in zip(poor, good, ref, strict=True):
         assert _rel(a, c) <= 1e-12 and _rel(b, c) <= 1e-12
@@ -480,8 +514,8 @@ def test_refinement_checks_the_residual_with_the_final_vjp() -> None:
     solution; the residual from the stage's final VJP (the true operator) is far above the
     converged sweeps' corrections, so the stage is finished from a fresh Jacobian (the
     correction is linear): the fresh solves' gradient to 1e-12."""
-    ref, _ = _one_reverse("trbdf2", "fresh", start_at=None)
-    got, newton = _one_reverse("trbdf2", "refine", start_at=1.0, skew=1.0 + 1e-6)
+    ref, _, _ = _one_reverse("trbdf2", "fresh", start_at=None)
+    got, newton, _ = _one_reverse("trbdf2", "refine", start_at=1.0, skew=1.0 + 1e-6)
     assert newton.n_refine_fallbacks == 2  # both implicit stages
     for a, b in zip(got, ref, strict=True):
         assert _rel(a, b) <= 1e-12

@@ -595,6 +595,9 @@ class Newton:
         self.iterations = 0  # Newton iterations, all stages, all steps (statistics)
         self.n_jacobians = 0  # linearisations (Jacobians built), forward and backward
         self.n_refine_fallbacks = 0  # backward stages refined in vain (TransposedSolves)
+        #: the reverse pass's hint that the preconditioner is exact to rounding (the last
+        #: refined stage needed no sweep): the next stage's first VJP is its final one
+        self.refine_direct = False
         self._rows_checked = False  # per_sample's contract, checked at the first Jacobian
 
     # ------------------------------------------------------------------ linear algebra
@@ -1107,32 +1110,45 @@ class TransposedSolves:
 
         kb = precond(c)
         prev = torch.linalg.vector_norm(kb.reshape(rows, -1), dim=1)
-        for sweep in range(REFINE_MAX_SWEEPS + 1):
-            d, nd, rate, q = step(kb, graphs.pull_x(g, kb), prev)
-            if not rate <= REFINE_RATE:  # also nan
+        newton = self.newton
+        if not newton.refine_direct:
+            for sweep in range(REFINE_MAX_SWEEPS + 1):
+                d, nd, rate, q = step(kb, graphs.pull_x(g, kb), prev)
+                if sweep == 0:  # kbar = P^{-T} c was already within the bounds: the
+                    newton.refine_direct = q <= 1.0  # next stage skips the sweeps
+                if not rate <= REFINE_RATE:  # also nan
+                    return None
+                kb = kb + d
+                # The error left after adding ``d``, predicted from the contraction,
+                # against the rounding bound: the sweeps still needed, each gaining ``rate``.
+                worst = q * (rate / (1 - rate))
+                if worst <= 1.0:
+                    break
+                if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
+                    return None
+                prev = nd
+            else:  # pragma: no cover - the sweep count is checked before each sweep
                 return None
-            kb = kb + d
-            # The error left after adding ``d``, predicted from the contraction, against
-            # the rounding bound: the sweeps still needed at this rate, each gaining ``rate``.
-            worst = q * (rate / (1 - rate))
-            if worst <= 1.0:
-                break
-            if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
-                return None
-            prev = nd
-        else:  # pragma: no cover - the sweep count is checked before each sweep
-            return None
         # The stage VJP with the parameters at the predicted solution; its J_i^T kbar checks
         # the residual once more. Corrections from here on are pulled too (all linear).
+        # Directly after P^{-T} c (``refine_direct``: the last stage needed no sweep, as
+        # when the Jacobian hardly changes over the steps) this is the only VJP.
         xb, tau = graphs.pull(g, kb, retain=True)
-        for _ in range(2):
-            d, nd, rate, q = step(kb, xb, nd)
+        for correction in range(REFINE_MAX_SWEEPS + 1):
+            d, nd, rate, q = step(kb, xb, prev)
             if q <= 1.0:
                 return xb, tau
-            if not rate <= REFINE_RATE:
+            newton.refine_direct = False
+            worst = q * (rate / (1 - rate))
+            if (
+                not rate <= REFINE_RATE
+                or rate == 0.0
+                or (correction + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS)
+            ):
                 break
             xd, td = graphs.pull(g, d, retain=True)
             kb, xb, tau = kb + d, _add(xb, xd), _add(tau, td)
+            prev = nd
         # Not converged after all: the exact correction from a fresh Jacobian (linear too).
         self.newton.n_refine_fallbacks += 1
         fresh = self._jacobian(lin)
