@@ -976,8 +976,13 @@ class TransposedSolves:
       :data:`REFINE_ULPS` ulps of ``|c| + |kbar| + gamma_i |J_i^T kbar|``
       (per row with ``per_sample``), then takes the stage VJP with the parameters and
       checks the residual that it gives once more, correcting (linearly: one more VJP of
-      the correction) if it shrank by ``REFINE_RATE`` since the last sweep, else finishing
-      from a fresh Jacobian. A stage whose corrections shrink by less than
+      the correction) while it shrinks by ``REFINE_RATE``, else finishing from a fresh
+      Jacobian. When a stage's first sweep finds ``P^{-T} c`` already within the bound
+      (the Jacobian hardly changes: a solution near equilibrium, a linear field), the
+      following stages skip the sweeps (:attr:`Newton.refine_direct`): their stage VJP
+      comes directly after ``P^{-T} c`` and its residual check is the only one, one VJP
+      per stage; the first check that fails restores the sweeps. A stage whose
+      corrections shrink by less than
       :data:`REFINE_RATE` per sweep, or that would need more than
       :data:`REFINE_MAX_SWEEPS`, falls back to ``J_i`` from its graph and a direct solve
       (and that Jacobian preconditions the remaining stages): never an unconverged solve.
