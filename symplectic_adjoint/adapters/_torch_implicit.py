@@ -1226,18 +1226,22 @@ def implicit_reverse_step(
     need_h_bar: bool = False,
     start: _Linear | None = None,
     kept: dict[int, Any] | None = None,
+    k1_given: bool = False,
 ) -> tuple[StepVJP, _Linear | None]:
     """The core's :func:`implicit_step_vjp` with this module's transposed solves, each stage
     evaluated once with a graph (``graphs``), and the preconditioner to carry to the
     previous step (:meth:`TransposedSolves.carried`). ``start``: the step's Jacobian at
     ``y_n`` from :func:`implicit_recompute` when the reverse pass has just recomputed the
     step, else the next step's carried preconditioner (or ``None``); ``kept``: from
-    :func:`implicit_recompute`."""
+    :func:`implicit_recompute`. ``k1_given``: the first slope ``f(t_n, y_n)`` evaluated
+    the previous step's last stage again (Kvaerno's FSAL, see ``ReverseSweep._reverse``):
+    stage 1 is not differentiated here, its cotangent is returned as ``k1_bar``."""
     solves = TransposedSolves(newton, graphs, start, kept)
     res = implicit_step_vjp(
         newton.tableau, solves.vjp, lam, X, h,
         solve_and_vjp=solves.solve_and_vjp, coupled_solve_T=solves.coupled_solve_T,
-        k=k, k_bar=k_bar, y0_bar=y0_bar, need_h_bar=need_h_bar, check=False,
+        k=k, k_bar=k_bar, y0_bar=y0_bar, k1_given=k1_given, need_h_bar=need_h_bar,
+        check=False,
     )  # fmt: skip
     return res, solves.carried()
 

@@ -420,9 +420,16 @@ class ReverseSweep:
         if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
             # Stored stages have no Jacobian at y_n: the next step's preconditioner serves
             # (a recomputed step has its own; carrying one there would only hold memory).
+            # Kvaerno's first slope f(t_n, y_n) evaluates the previous step's last stage
+            # again (same time, X_s = y_n): its cotangent joins that stage's, whose
+            # transposed solve and VJP take both (k_s = f(X_s) at the converged stage), so
+            # stage 1 needs no evaluation of its own. Not with random draws: the two
+            # evaluations drew different numbers.
+            fsal = rec.spec.adaptive and step.k1 is K1Source.FSAL and rec.rng is None
             res, pre = implicit_reverse_step(
                 rec.newton, graphs, lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
                 need_h_bar=need_t, start=self.pre if start is None else start, kept=kept,
+                k1_given=fsal,
             )  # fmt: skip
             self.pre = pre if start is None else None
         else:
