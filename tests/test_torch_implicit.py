@@ -462,27 +462,48 @@ def _one_reverse(method: str, solve: str, *, start_at: float | None, skew: float
     return [res.y0_bar, *graphs.acc], newton, graphs
 
 
-@pytest.mark.parametrize("jump", [False, True])
-def test_kvaerno_first_slope_joins_the_previous_last_stage(jump: bool) -> None:
-    """Kvaerno's first slope ``f(t_n, y_n)`` evaluates the previous step's last stage again
-    (``y_n = X_s``): the reverse pass pulls its cotangent through that stage's solve and
-    VJP, one evaluation per step fewer (``stages``: ``s`` per step less one per carried
-    slope), except after a ``jump_t`` (the slope is evaluated just after ``t_n`` there).
-    Gradients, ``t``'s included, as backprop's through tight Newton."""
-    out = {}
+@pytest.mark.parametrize("checkpoint", ["stages", "states"])
+@pytest.mark.parametrize(
+    "method,variant",
+    [("kvaerno5", None), ("kvaerno5", "jump_t"), ("trbdf2", None), ("trbdf2", "perturb"),
+     ("trapezoid", None), ("sdirk2", None)],
+)  # fmt: skip
+def test_first_slope_joins_the_previous_last_stage(method: str, variant: Any,
+                                                   checkpoint: str) -> None:  # fmt: skip
+    """A step's first slope ``f(t_n, y_n)`` evaluates the previous step's last stage again
+    where the first stage is explicit and the last is ``y_{n+1}`` (Kvaerno's carried
+    slope; trbdf2's and trapezoid's ``y_{n+1}``, equal to ``X_s`` to rounding, at the same
+    grid node): the reverse pass pulls its cotangent through that stage's solve and VJP,
+    one evaluation per step fewer, except after a ``jump_t`` or with ``perturb=True``
+    (the slope is evaluated just after ``t_n`` there) and for tableaux without an
+    explicit first stage (sdirk2). Gradients, ``t``'s included, as backprop's through
+    tight Newton."""
+    out, counts = {}, {}
     for adjoint in ("symplectic", "backprop"):
         func = Stiff()
         stats = SolveStats()
         y0 = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64, requires_grad=True)
         t = torch.tensor([0.0, 0.5, 1.0], dtype=F64, requires_grad=True)
-        opts = dict(TIGHT, per_sample=True, **({"jump_t": torch.tensor([0.3])} if jump else {}))
-        ys = odeint(func, y0, t, method="kvaerno5", rtol=1e-6, atol=1e-8, options=opts,
-                    adjoint=adjoint, checkpoint="stages", stats=stats)  # fmt: skip
+        # (states: fresh transposed solves, whose VJPs are one per stage exactly)
+        opts = dict(TIGHT, per_sample=True,
+                    adjoint_solve="fresh" if checkpoint == "states" else "refine")  # fmt: skip
+        if method in KVAERNO:
+            opts["jump_t"] = torch.tensor([0.3] if variant == "jump_t" else [])
+        else:
+            opts.update(step_size=0.05, perturb=variant == "perturb")
+        ys = odeint(func, y0, t, method=method, rtol=1e-6, atol=1e-8, options=opts,
+                    adjoint=adjoint, checkpoint=checkpoint, stats=stats)  # fmt: skip
         w = torch.linspace(-1, 1, ys.numel(), dtype=F64).view_as(ys)
         out[adjoint] = torch.autograd.grad((w * ys).sum(), [y0, *func.parameters(), t])
-        if adjoint == "symplectic":
-            carried = stats.n_steps - 1 - int(jump)
-            assert stats.nfe_backward == 7 * stats.n_steps - carried
+        counts[adjoint] = stats
+    stats = counts["symplectic"]
+    s = implicit_tableau(method).stages
+    joined = 0 if method == "sdirk2" or variant == "perturb" else stats.n_steps - 1
+    joined -= variant == "jump_t"
+    if checkpoint == "stages":  # one evaluation per stage and step, less the joined ones
+        assert stats.nfe_backward == s * stats.n_steps - joined
+    else:  # one VJP per stage and step, less the joined ones
+        assert stats.n_vjp == s * stats.n_steps - joined
     for a, b in zip(out["symplectic"], out["backprop"], strict=True):
         assert _rel(a, b) <= 1e-9
 

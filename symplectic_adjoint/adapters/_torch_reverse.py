@@ -252,6 +252,9 @@ class ReverseSweep:
         self.expect = self.n - 1
         self.replays = 0
         self.pre: Any = None  # an implicit step's transposed-solve preconditioner, carried
+        tab = self.tab
+        # Explicit first stage, last stage y_{n+1} at t_{n+1} (see _joins_last).
+        self._ssal = not any(tab.a[0]) and tab.c[-1] == 1 and tuple(tab.b) == tuple(tab.a[-1])
 
     def run(self, t_input: torch.Tensor, *, need_y0: bool) -> tuple[Any, Any, list[torch.Tensor]]:
         """``(ybar_0 or None, tbar or None, parameter cotangents)``."""
@@ -286,6 +289,24 @@ class ReverseSweep:
             y, k1 = self._step_end(m, y, k)
         self.y_next = y  # the final state, with its graph
         return stored
+
+    def _joins_last(self, m: int) -> bool:
+        """Whether step ``m``'s first slope ``f(t_m, y_m)`` is step ``m - 1``'s last stage
+        evaluated again, so that its cotangent can join that stage's (implicit methods).
+
+        The tableau's first stage is explicit and its last is ``y_{n+1}`` at ``t_{n+1}``
+        (stiffly accurate, ``c_s = 1``: Kvaerno, ``trbdf2``, ``trapezoid``). Kvaerno's
+        carried slope is ``f(prev(t_m), X_s)`` itself; on a fixed grid (unperturbed) the
+        step starts from ``y_m = y_{m-1} + sum_i h b_i k_i``, which equals ``X_s`` to
+        rounding (the same terms, summed in another order), at the same grid node. Never
+        with random draws (the two evaluations drew different numbers) nor after a
+        ``jump_t`` or with ``perturb=True`` (the slope is evaluated just after ``t_m``
+        there: a right limit, the stage a left one).
+        """
+        rec = self.rec
+        if not (0 < m < self.n and rec.spec.implicit and rec.rng is None and self._ssal):
+            return False
+        return self.steps[m].k1 is (K1Source.FSAL if rec.spec.adaptive else K1Source.FIRST)
 
     def _carried(self, m: int) -> bool:
         """Whether step ``m + 1`` starts from step ``m``'s last slope (FSAL)."""
@@ -410,7 +431,7 @@ class ReverseSweep:
             xb, tau = ev.pull(f1, kbar[s])
             lam = add(lam, xb)
             te_bar = add(te_bar, tau)
-        if self._carried(m):
+        if self._carried(m) or self._joins_last(m + 1):
             kbar[s - 1] = add(kbar[s - 1], self.k1bar_next)
 
         def vjp(i: int, Xi: torch.Tensor, kb: torch.Tensor, carry: Any):
@@ -420,16 +441,14 @@ class ReverseSweep:
         if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
             # Stored stages have no Jacobian at y_n: the next step's preconditioner serves
             # (a recomputed step has its own; carrying one there would only hold memory).
-            # Kvaerno's first slope f(t_n, y_n) evaluates the previous step's last stage
-            # again (same time, X_s = y_n): its cotangent joins that stage's, whose
-            # transposed solve and VJP take both (k_s = f(X_s) at the converged stage), so
-            # stage 1 needs no evaluation of its own. Not with random draws: the two
-            # evaluations drew different numbers.
-            fsal = rec.spec.adaptive and step.k1 is K1Source.FSAL and rec.rng is None
+            # The first slope f(t_n, y_n) evaluates the previous step's last stage again
+            # (_joins_last): its cotangent joins that stage's, whose transposed solve and
+            # VJP take both (k_s = f(X_s) at the converged stage; b = a_s makes the
+            # cotangents of y_n agree), so stage 1 needs no evaluation of its own.
             res, pre = implicit_reverse_step(
                 rec.newton, graphs, lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
                 need_h_bar=need_t, start=self.pre if start is None else start, kept=kept,
-                k1_given=fsal,
+                k1_given=self._joins_last(m),
             )  # fmt: skip
             self.pre = pre if start is None else None
         else:
