@@ -1089,32 +1089,35 @@ class TransposedSolves:
         rows = c.shape[0] if self.mode == "per_sample" else 1
         gam = float(gamma)  # the reverse pass is not recorded: a number suffices
         # The rows' rounding bounds, tol (|c| + |kbar| + |gamma| |J^T kbar|): the first
-        # term once, the others as one matrix-vector product of the row norms.
+        # term once per stage.
         tol_c = torch.linalg.vector_norm(c.reshape(rows, -1), dim=1).mul_(tol)
-        weights = torch.tensor([tol, tol * abs(gam)], dtype=tol_c.dtype, device=c.device)
 
-        def step(kb: torch.Tensor, u: Any, prev: torch.Tensor) -> tuple:
+        def step(kb: torch.Tensor, u: Any, prev: torch.Tensor | None) -> tuple:
             """The correction ``d``, its row norms, the contraction ``rate`` (the largest
-            ratio of ``d``'s row norms to ``prev``'s over the rows not yet within their
-            rounding bounds: a converged row's corrections are rounding noise, which does
-            not shrink, and must not fail the others) and ``q``, the largest ratio of
-            ``d``'s row norms to the rows' rounding bounds (``d`` is within the bounds when
-            ``q <= 1``). Few tensor operations and one sync: this runs once or twice per
-            stage (``u = J^T kbar``, ``None`` for zero)."""
+            ratio of ``d``'s row norms to ``prev``'s, ``None``: ``kb``'s, over the rows not
+            yet within their rounding bounds: a converged row's corrections are rounding
+            noise, which does not shrink, and must not fail the others; 0 when every row
+            is within) and ``q``, the largest ratio of ``d``'s row norms to the rows'
+            rounding bounds (``d`` is within the bounds when ``q <= 1``). Few tensor
+            operations and one sync when ``q <= 1``: this runs once or twice per stage
+            (``u = J^T kbar``, ``None`` for zero)."""
             if u is None:
                 u = torch.zeros_like(kb)
             d = precond((c - kb).add_(u, alpha=gam))
             norms = torch.linalg.vector_norm(torch.stack((d, kb, u)).view(3, rows, -1), dim=2)
             nd = norms[0]
-            bound = torch.addmv(tol_c, norms[1:].T, weights)
-            ratios = nd / torch.stack((prev, bound)).clamp_min_(tiny)
+            bound = torch.add(norms[1], norms[2], alpha=abs(gam)).mul_(tol).add_(tol_c)
+            within = nd / bound.clamp_min_(tiny)
+            q = float(within.amax())
+            if q <= 1.0:
+                return d, nd, 0.0, q
+            base = norms[1] if prev is None else prev
             # ``not <=`` keeps a nan row open (and its nan rate fails the refinement)
-            ratios[0].masked_fill_(ratios[1] <= 1.0, 0.0)
-            rate, q = ratios.amax(dim=1).tolist()
-            return d, nd, rate, q
+            rates = (nd / base.clamp_min(tiny)).masked_fill_(within <= 1.0, 0.0)
+            return d, nd, float(rates.amax()), q
 
         kb = precond(c)
-        prev = torch.linalg.vector_norm(kb.reshape(rows, -1), dim=1)
+        prev: torch.Tensor | None = None  # the rows' norms of kb (computed in ``step``)
         newton = self.newton
         if not newton.refine_direct:
             for sweep in range(REFINE_MAX_SWEEPS + 1):
@@ -1127,11 +1130,11 @@ class TransposedSolves:
                 # The error left after adding ``d``, predicted from the contraction,
                 # against the rounding bound: the sweeps still needed, each gaining ``rate``.
                 worst = q * (rate / (1 - rate))
+                prev = nd
                 if worst <= 1.0:
                     break
                 if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
                     return None
-                prev = nd
             else:  # pragma: no cover - the sweep count is checked before each sweep
                 return None
         # The stage VJP with the parameters at the predicted solution; its J_i^T kbar checks
