@@ -508,6 +508,29 @@ def test_first_slope_joins_the_previous_last_stage(method: str, variant: Any,
         assert _rel(a, b) <= 1e-9
 
 
+@pytest.mark.parametrize("perturb", [False, True])
+@pytest.mark.parametrize("method", ["trbdf2", "trapezoid", "sdirk2"])
+def test_stored_stages_keep_no_state_only_stage_one_reads(method: str, perturb: bool) -> None:
+    """``checkpoint="stages"`` on a fixed grid: where stage 1 joins the previous step's last
+    stage (explicit first stage, ``y_{n+1}`` the last; not perturbed), nothing reads
+    ``y_n`` after the first step, and it is not kept: ``s - 1`` stage inputs per step,
+    ``y_0`` and the final state. Gradients as with ``"states"``."""
+    grads, stats = {}, SolveStats()
+    for checkpoint in ("stages", "states"):
+        func = Stiff()
+        y0 = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64, requires_grad=True)
+        opts = dict(TIGHT, per_sample=True, step_size=0.1, perturb=perturb)
+        st = stats if checkpoint == "stages" else None
+        ys = odeint(func, y0, torch.tensor([0.0, 1.0], dtype=F64), method=method,
+                    options=opts, checkpoint=checkpoint, stats=st)  # fmt: skip
+        grads[checkpoint] = torch.autograd.grad(ys[-1].square().sum(), [y0, *func.parameters()])
+    s, n = implicit_tableau(method).stages, stats.n_steps
+    joined = method != "sdirk2" and not perturb
+    assert stats.n_checkpoints == (s * n + 1 - (n - 1) if joined else s * n + 1)
+    for a, b in zip(grads["stages"], grads["states"], strict=True):
+        assert _rel(a, b) <= 1e-12
+
+
 class RowLinear(torch.nn.Module):
     """``f(t, y) = y A^T`` row by row: every stage has the same Jacobian."""
 

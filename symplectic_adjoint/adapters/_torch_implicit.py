@@ -94,6 +94,7 @@ __all__ = [
     "KvaernoSolver",
     "implicit_tableau",
     "implicit_interpolant",
+    "first_stage_joins_last",
     "implicit_recompute",
     "implicit_reverse_step",
     "fixed_stage_times",
@@ -1278,6 +1279,16 @@ def fixed_stage_times(
         else:
             out.append((t0 + dt * ci).to(ydt))
     return out
+
+
+def first_stage_joins_last(tableau: ButcherTableau) -> bool:
+    """Whether a step's first slope ``f(t_n, y_n)`` is the previous step's last stage
+    evaluated again: the first stage is explicit and the last is ``y_{n+1}`` at
+    ``t_{n+1}`` (``c_s = 1``, stiffly accurate ``b = a_s``): Kvaerno, ``trbdf2``,
+    ``trapezoid``. The reverse pass then pulls the first slope's cotangent through that
+    last stage (``ReverseSweep._joins_last``), and ``checkpoint="stages"`` on a fixed
+    grid need not keep ``y_n`` (only stage 1's VJP would read it)."""
+    return not any(tableau.a[0]) and tableau.c[-1] == 1 and tuple(tableau.b) == tuple(tableau.a[-1])
 
 
 class _ImplicitMixin:

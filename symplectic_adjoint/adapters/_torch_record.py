@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..core.checkpointing import OfflineCheckpointer, OnlineCheckpointer
-from ._torch_implicit import fixed_stage_times
+from ._torch_implicit import first_stage_joins_last, fixed_stage_times
 from ._torch_methods import SOLVERS, MethodSpec, method_spec
 from ._torchdiffeq_compat import FixedGridODESolver, Perturb, perturb_time
 
@@ -376,6 +376,9 @@ class Store:
                 else OfflineCheckpointer(n_steps, checkpoint)
             )
         self.stored: dict[int, tuple] = {}
+        #: with stages, keep no ``y_n`` after the first step (an implicit fixed-grid method
+        #: whose first slope joins the previous last stage: nothing reads it)
+        self.drop_first = False
 
     @property
     def capture(self) -> bool:
@@ -390,6 +393,8 @@ class Store:
         if self.stages:
             assert calls is not None
             X = (y, *(c[0] for c in calls)) if k1 is not None else tuple(c[0] for c in calls)
+            if self.drop_first and n > 0:
+                X = (None, *X[1:])
             k: tuple = ()
             if self.keep_slopes:
                 k = (
@@ -583,6 +588,13 @@ def record_solve(
     solver._sign = problem.sign
     if spec.implicit:
         rec.refuse_random = problem.method
+        # (a perturbed grid evaluates the first slope just after t_n: it joins nothing)
+        store.drop_first = (
+            store.stages
+            and not spec.adaptive
+            and not solver.perturb
+            and first_stage_joins_last(solver.core_tableau)
+        )
     if problem.event_fn is None:
         solution = solver.integrate(t)
         event_t = None

@@ -41,7 +41,7 @@ import torch
 
 from ..core.checkpointing import execute, store_all_schedule
 from ..core.step import add, lincomb, rk_step_vjp, stage_input, sub
-from ._torch_implicit import implicit_recompute, implicit_reverse_step
+from ._torch_implicit import first_stage_joins_last, implicit_recompute, implicit_reverse_step
 from ._torch_inputs import Cut, Inputs, Replay
 from ._torch_record import Checkpoints, K1Source, OutputKind, Recording, StepMode
 
@@ -252,9 +252,7 @@ class ReverseSweep:
         self.expect = self.n - 1
         self.replays = 0
         self.pre: Any = None  # an implicit step's transposed-solve preconditioner, carried
-        tab = self.tab
-        # Explicit first stage, last stage y_{n+1} at t_{n+1} (see _joins_last).
-        self._ssal = not any(tab.a[0]) and tab.c[-1] == 1 and tuple(tab.b) == tuple(tab.a[-1])
+        self._ssal = rec.spec.implicit and first_stage_joins_last(self.tab)  # (_joins_last)
 
     def run(self, t_input: torch.Tensor, *, need_y0: bool) -> tuple[Any, Any, list[torch.Tensor]]:
         """``(ybar_0 or None, tbar or None, parameter cotangents)``."""
@@ -438,6 +436,8 @@ class ReverseSweep:
             xb, tau = ev.vjp(times[i], Xi, kb, self._rng(m, i))
             return xb, tau, carry
 
+        # Stored stages keep no y_n where stage 1 joins the previous step's last (Store).
+        assert X[0] is not None or self._joins_last(m), "y_n dropped but stage 1 not joined"
         if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
             # Stored stages have no Jacobian at y_n: the next step's preconditioner serves
             # (a recomputed step has its own; carrying one there would only hold memory).

@@ -294,7 +294,7 @@ def implicit_step_vjp(
 
     lam = reduce(add, [*Xbar, y0_bar], y1_bar)
     if lam is None:
-        lam = X[0] * 0
+        lam = next(x for x in X if x is not None) * 0  # (a stored-stages y_n may be dropped)
     t_bar = reduce(add, tau, None)
 
     h_bar = None
