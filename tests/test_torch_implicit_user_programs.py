@@ -524,3 +524,120 @@ def test_float32_wide_network_converges_at_default_tolerances() -> None:
     assert torch.equal(out[0][0], out[1][0])
     for a, b in zip(out[0][1], out[1][1], strict=True):
         assert _rel(a, b) <= 1e-3  # float32, Newton at its (rounding-level) tolerance
+
+
+# ------------------------------------------------------------------ found by breake (held)
+
+
+class _SwitchedRate(Forced):
+    """Rates that jump at the grid node ``t = 0.5`` (left limit 1x, right limit 30x): a
+    first slope at a node and the previous step's last stage read the same branch."""
+
+    def forward(self, t, y):
+        r = torch.where(t < 0.5, 1.0, 30.0) * self.rate
+        return -r * (y - torch.sin(3 * t)) + torch.tanh(self.lin(y))
+
+
+class _SharpJacobian(Forced):
+    """Linear in ``y`` with a Jacobian that grows 400x within ~0.005 around ``t = 0.33``:
+    a preconditioner exact on one stage is far off on the next (the direct refinement
+    path must fail its residual check there and fall back)."""
+
+    def forward(self, t, y):
+        a = 1 + 400 * torch.sigmoid((t - 0.33) * 2000)
+        return -a * self.rate * y + self.lin(y) + torch.sin(5 * t)
+
+
+def _uneven(func, y0, t):
+    s = torch.tensor([0, 0.01, 0.05, 0.2, 0.21, 0.5, 0.77, 1.0], dtype=t.dtype)
+    return t[0] + (t[-1] - t[0]) * s
+
+
+_NODES_AND_INSIDE = torch.tensor([0.0, 0.005, 0.2, 0.3, 0.5, 0.99, 1.0], dtype=F64)
+
+
+@pytest.mark.parametrize("checkpoint", ["states", "stages", 2])
+@pytest.mark.parametrize("field", [_SwitchedRate, _SharpJacobian])
+@pytest.mark.parametrize("method", ["trbdf2", "trapezoid"])
+def test_joined_stages_with_t_gradient_on_an_uneven_grid(method, field, checkpoint) -> None:
+    """Joined first slopes (stage 1 = previous last stage) with outputs at grid nodes and
+    inside steps, ``t`` requiring grad, an uneven grid, a field discontinuous in ``t`` at
+    a node or with a Jacobian switching within a step: backprop's gradients."""
+    _assert_match(method, options=dict(grid_constructor=_uneven, **TIGHT), tol=1e-10,
+                  t=_NODES_AND_INSIDE, func=field(), checkpoint=checkpoint)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "variant,field",
+    [("jump_t", Forced), ("step_t", Forced),
+     pytest.param("step_t", _SharpJacobian, marks=pytest.mark.slow),
+     pytest.param("jump_t", _SharpJacobian, marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_kvaerno_joins_across_pinned_steps(variant: str, field: type) -> None:
+    """Kvaerno's carried slope joins across step_t points (and not after jump_t ones),
+    stored stages carrying the preconditioner, per-sample refinement; the slow cases meet
+    a 400x Jacobian switch on the direct refinement path: backprop's gradients."""
+    pts = torch.tensor([0.33, 0.5], dtype=F64)
+    opts = dict(first_step=0.02, per_sample=True, **{variant: pts}, **TIGHT)
+    _assert_match("kvaerno3", options=opts, tol=1e-10, func=field(), checkpoint="stages")
+
+
+class _NormedField(nn.Module):
+    """``-5 y + BatchNorm1d(Linear(y))``: per-sample in eval mode (running statistics),
+    mixing the batch's rows in train mode (batch statistics)."""
+
+    def __init__(self, train: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(2, 2).double()
+        self.bn = nn.BatchNorm1d(2, momentum=None).double()  # momentum None: stats unchanged
+        self.bn.running_mean.fill_(0.1)
+        self.bn.running_var.fill_(2.0)
+        self.train(train)
+
+    def forward(self, t, y):
+        return -5 * y + self.bn(self.lin(y))
+
+
+@pytest.mark.parametrize("method", ["trbdf2", "kvaerno3"])
+def test_per_sample_batchnorm_in_eval_mode_matches_backprop(method: str) -> None:
+    """A BatchNorm in eval mode is per-sample: accepted, and backprop's gradients."""
+    _assert_match(method, options=_opts(method, per_sample=True, **TIGHT), tol=1e-10,
+                  func=_NormedField(train=False), checkpoint="stages")  # fmt: skip
+
+
+@pytest.mark.parametrize("adjoint", ["symplectic", "backprop"])
+def test_per_sample_batchnorm_in_train_mode_is_refused(adjoint: str) -> None:
+    """Batch statistics mix the rows: per_sample=True is refused, not a wrong gradient."""
+    y0 = torch.randn(4, 2, dtype=F64)
+    with pytest.raises(ValueError, match="per_sample"):
+        odeint(_NormedField(train=True), y0, torch.tensor([0.0, 0.3], dtype=F64),
+               method="trbdf2", options=_opts("trbdf2", per_sample=True),
+               adjoint=adjoint)  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpoint", ["states", "stages"])
+@pytest.mark.parametrize("method", ["trbdf2", pytest.param("kvaerno3", marks=pytest.mark.slow)])
+def test_tuple_state_with_joined_stages_matches_backprop(method: str, checkpoint: str) -> None:
+    """A tuple state through joined first slopes and stored stages (without y_n)."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = nn.Parameter(torch.tensor([20.0, 0.5], dtype=F64))
+
+        def forward(self, t, y):
+            x, v = y
+            return -self.k[0] * x + torch.tanh(v), -self.k[1] * v + torch.sin(x) * torch.cos(t)
+
+    out = {}
+    for adjoint in ("symplectic", "backprop"):
+        func = Pair()
+        y0 = (torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True),
+              torch.tensor([0.3, 2.0], dtype=F64, requires_grad=True))  # fmt: skip
+        extra = dict(checkpoint=checkpoint) if adjoint == "symplectic" else {}
+        x, v = odeint(func, y0, torch.tensor([0.0, 0.25, 1.0], dtype=F64), method=method,
+                      options=_opts(method, **TIGHT), adjoint=adjoint, **extra)  # fmt: skip
+        out[adjoint] = torch.autograd.grad(x.sum() + (v * v).sum(), [*y0, func.k])
+    for a, b in zip(out["symplectic"], out["backprop"], strict=True):
+        assert _rel(a, b) <= 1e-10
