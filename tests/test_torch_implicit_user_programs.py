@@ -641,3 +641,45 @@ def test_tuple_state_with_joined_stages_matches_backprop(method: str, checkpoint
         out[adjoint] = torch.autograd.grad(x.sum() + (v * v).sum(), [*y0, func.k])
     for a, b in zip(out["symplectic"], out["backprop"], strict=True):
         assert _rel(a, b) <= 1e-10
+
+
+def _event_program(method: str, adjoint: str, A: torch.Tensor) -> tuple:
+    """``odeint_event`` of ``y' = y A^T`` on a fixed 0.05 grid until ``y[0, 0] = 0.3``."""
+    A = A.clone().requires_grad_(True)
+    y0 = torch.tensor([[1.0, -0.4], [0.2, 0.7]], dtype=F64, requires_grad=True)
+    t0 = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    te, sol = odeint_event(lambda t, y: y @ A.T, y0, t0, event_fn=lambda t, y: y[0, 0] - 0.3,
+                           method=method, options=dict(step_size=0.05, **TIGHT),
+                           adjoint=adjoint)  # fmt: skip
+    loss = 3 * te + (torch.tensor([[1.0, -2.0], [0.5, 1.5]], dtype=F64) * sol[-1]).sum()
+    return te.detach(), sol[-1].detach(), torch.autograd.grad(loss, [y0, A, t0])
+
+
+_EVENT_A = torch.tensor([[-1.0, 0.5], [0.2, -5.0]], dtype=F64)
+
+
+def test_fixed_grid_event_steps_by_the_float64_step_size() -> None:
+    """The fixed-step event loop hands ``dt`` over as the Python float ``step_size``; the
+    implicit step read it as float32 (a float64 solve stepped by 0.05000000075: states
+    5e-9 off, and the symplectic gradient 3e-6 off backprop's, whose forward it was not).
+    The state at the event is implicit Euler's exact map ``(I - hA)^{-1}`` interpolated."""
+    te, state, _ = _event_program("implicit_euler", "symplectic", _EVENT_A)
+    I2, h = torch.eye(2, dtype=F64), 0.05
+    tn, yn = torch.tensor(0.0, dtype=F64), torch.tensor([[1.0, -0.4], [0.2, 0.7]], dtype=F64)
+    while True:  # the event loop's chain of nodes t_{n+1} = t_n + h
+        y1 = torch.linalg.solve(I2 - h * _EVENT_A, yn.T).T
+        if y1[0, 0] <= 0.3:
+            break
+        tn, yn = tn + h, y1
+    expect = yn + (te - tn) / (tn + h - tn) * (y1 - yn)
+    assert _rel(state, expect) <= 1e-13
+
+
+@pytest.mark.parametrize("method", ["implicit_euler", "sdirk2", "trbdf2"])
+def test_fixed_grid_event_gradient_matches_backprop(method: str) -> None:
+    """Event time, ``t0``, ``y0`` and field gradients through joined stages (trbdf2)."""
+    te, state, g = _event_program(method, "symplectic", _EVENT_A)
+    te_ref, state_ref, g_ref = _event_program(method, "backprop", _EVENT_A)
+    assert te == te_ref and torch.equal(state, state_ref)
+    for a, b in zip(g, g_ref, strict=True):
+        assert _rel(a, b) <= 1e-10

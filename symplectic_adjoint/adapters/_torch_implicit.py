@@ -1338,7 +1338,11 @@ class ImplicitFixedGridSolver(_ImplicitMixin, FixedGridODESolver):
 
     def step_stages(self, fn: Field, t0: Any, dt: Any, t1: Any, y0: torch.Tensor) -> tuple:
         """``(X, k, h)`` of the step from ``t0``: the same computation forward and reverse."""
-        t0, dt, t1 = (torch.as_tensor(v, device=y0.device) for v in (t0, dt, t1))
+        # The event loop passes dt as the Python float step_size: read in t0's dtype, as
+        # torchdiffeq's own arithmetic does (torch.as_tensor alone made it float32, and a
+        # float64 solve then stepped by float32(step_size), 1.5e-8 off for 0.05).
+        t0 = torch.as_tensor(t0, device=y0.device)
+        dt, t1 = (torch.as_tensor(v, dtype=t0.dtype, device=y0.device) for v in (dt, t1))
         times = fixed_stage_times(self.core_tableau, t0, dt, t1, y0.dtype, bool(self.perturb))
         h = dt.to(y0.dtype)
         where = f"in the step from t={float(t0.detach()):.17g} to t={float(t1.detach()):.17g}"
