@@ -820,7 +820,10 @@ class Newton:
         while it < self.opts.max_iters:
             it += 1
             self.iterations += 1
-            X = [lincomb(y0, h, a[i], k) for i in range(s)]
+            # X_i = y0 + inc_i, bitwise lincomb(y0, h, a[i], k); the increments also set
+            # each stage's rounding floor below (see _size)
+            inc = [lincomb(None, h, a[i], k) for i in range(s)]
+            X = [y0 if v is None else y0 + v for v in inc]
             r = [fn(times[i], X[i]) - k[i] for i in range(s)]
             if lins is None or full:
                 lins = [self.linear(fn, times[i], X[i]) for i in range(s)]
@@ -831,9 +834,8 @@ class Newton:
             if not all(bool(torch.isfinite(di).all()) for di in d):
                 raise self._fail(where, "the iterate became inf/nan")
             dX = [lincomb(None, h, a[i], d) for i in range(s)]
-            # (the rounding floor from each stage's increment h sum_j a_ij k_j, see _size)
-            size = max(self._size(dX[i], X[i], 1.0, lincomb(None, h, a[i], k))
-                       for i in range(s) if dX[i] is not None)  # fmt: skip
+            size = max(self._size(dX[i], X[i], 1.0, inc[i]) for i in range(s)
+                       if dX[i] is not None)  # fmt: skip
             if size <= 1.0:
                 return [ki + di for ki, di in zip(k, d, strict=True)]
             if not full and self._stale(size, previous):  # as in :meth:`stage`
@@ -1128,13 +1130,10 @@ class TransposedSolves:
                 if not rate <= REFINE_RATE:  # also nan
                     return None
                 kb = kb + d
-                # The error left after adding ``d``, predicted from the contraction,
-                # against the rounding bound: the sweeps still needed, each gaining ``rate``.
-                worst = q * (rate / (1 - rate))
                 prev = nd
-                if worst <= 1.0:
+                if q * (rate / (1 - rate)) <= 1.0:  # predicted within the bound after d
                     break
-                if rate == 0.0 or sweep + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS:
+                if not _refinement_pays(sweep, rate, q):
                     return None
             else:  # pragma: no cover - the sweep count is checked before each sweep
                 return None
@@ -1148,12 +1147,7 @@ class TransposedSolves:
             if q <= 1.0:
                 return xb, tau
             newton.refine_direct = False
-            worst = q * (rate / (1 - rate))
-            if (
-                not rate <= REFINE_RATE
-                or rate == 0.0
-                or (correction + 1 + math.log(worst) / -math.log(rate) > REFINE_MAX_SWEEPS)
-            ):
+            if not _refinement_pays(correction, rate, q):
                 break
             xd, td = graphs.pull(g, d, retain=True)
             kb, xb, tau = kb + d, _add(xb, xd), _add(tau, td)
@@ -1178,6 +1172,18 @@ class TransposedSolves:
             lins.append(lin if self.mode == "gmres" else self._jacobian(lin))
         r = [torch.zeros_like(X[i]) if v is None else v for i, v in enumerate(rhs)]
         return self.newton.coupled(lins, h, r, transpose=True)
+
+
+def _refinement_pays(done: int, rate: float, q: float) -> bool:
+    """Whether a refinement that has made ``done`` corrections, the last ``q`` times the
+    rounding bound, should go on at contraction ``rate``: the rate is in
+    ``(0, REFINE_RATE]`` (``nan`` fails) and the error left after the last correction,
+    predicted as ``q rate / (1 - rate)``, reaches the bound within
+    :data:`REFINE_MAX_SWEEPS` corrections in all, each gaining ``rate``."""
+    if not 0.0 < rate <= REFINE_RATE:
+        return False
+    worst = q * (rate / (1 - rate))
+    return done + 1 + math.log(worst) / -math.log(rate) <= REFINE_MAX_SWEEPS
 
 
 def _add(a: Any, b: Any) -> Any:

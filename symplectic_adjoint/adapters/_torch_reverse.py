@@ -436,8 +436,9 @@ class ReverseSweep:
             xb, tau = ev.vjp(times[i], Xi, kb, self._rng(m, i))
             return xb, tau, carry
 
+        joins = self._joins_last(m)
         # Stored stages keep no y_n where stage 1 joins the previous step's last (Store).
-        assert X[0] is not None or self._joins_last(m), "y_n dropped but stage 1 not joined"
+        assert X[0] is not None or joins, "y_n dropped but stage 1 not joined"
         if graphs is not None:  # transposed stage solves; every k_1 is f(y_n) itself
             # Stored stages have no Jacobian at y_n: the next step's preconditioner serves
             # (a recomputed step has its own; carrying one there would only hold memory).
@@ -448,7 +449,7 @@ class ReverseSweep:
             res, pre = implicit_reverse_step(
                 rec.newton, graphs, lam, X, h, k=k, k_bar=kbar[:s], y0_bar=y0bar,
                 need_h_bar=need_t, start=self.pre if start is None else start, kept=kept,
-                k1_given=self._joins_last(m),
+                k1_given=joins,
             )  # fmt: skip
             self.pre = pre if start is None else None
         else:
