@@ -358,6 +358,57 @@ def test_row_jacobians_match_jacrev_per_row(chunk_size: int | None) -> None:
                        torch.zeros(4, 3, 3, dtype=F64))  # fmt: skip
 
 
+class _BranchyCube(torch.autograd.Function):
+    """``y^3`` with a hand-written backward that branches on its cotangent's values, which
+    no vmap can batch (``torch.autograd.grad(..., is_grads_batched=True)`` raised on it)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y)
+        return y**3
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        if bool((g == 0).all()):  # data-dependent control flow
+            return torch.zeros_like(y)
+        return 3 * y**2 * g
+
+
+class BranchyStiff(Stiff):
+    def forward(self, t, y):
+        return -self.L * (y - torch.cos(t)) + torch.tanh(y @ self.W.T + self.b) \
+            - 0.1 * _BranchyCube.apply(y)  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_jacobian_of_a_backward_vmap_cannot_batch(per_sample: bool, chunk_size: Any) -> None:
+    """A field whose backward cannot be vectorised: its Jacobian is taken one VJP at a
+    time (the same matrix as jacrev's), and the gradient through a stiff solve is
+    backprop's (it was a batching error from inside the solver)."""
+    t = torch.tensor(0.2, dtype=F64)
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    J = _jacobian(BranchyStiff(), t, x, per_sample=per_sample, chunk_size=chunk_size)
+    full = torch.autograd.functional.jacobian(lambda z: Stiff()(t, z), x).reshape(6, 6)
+    ref = torch.stack([full[3 * b : 3 * b + 3, 3 * b : 3 * b + 3] for b in range(2)])
+    assert torch.allclose(J, ref if per_sample else full, rtol=1e-14, atol=1e-14)
+    for method in ("trbdf2", "kvaerno3"):
+        kw: dict = dict(first_step=0.01) if method == "kvaerno3" else dict(step_size=0.05)
+        opts = dict(TIGHT, per_sample=per_sample, jacobian_chunk_size=chunk_size, **kw)
+        got = _grads_of(BranchyStiff(), method, "symplectic", opts)
+        ref_g = _grads_of(BranchyStiff(), method, "backprop", opts)
+        for a, b in zip(got, ref_g, strict=True):
+            assert _rel(a, b) <= 1e-9, method
+
+
+def _grads_of(func: torch.nn.Module, method: str, adjoint: str, opts: dict) -> tuple:
+    y0 = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5], dtype=F64)
+    ys = odeint(func, y0, t, rtol=1e-6, atol=1e-8, method=method, options=opts, adjoint=adjoint)
+    return torch.autograd.grad(ys[-1].square().sum(), [y0, *func.parameters()])
+
+
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("checkpoint", ["states", "stages"])
 def test_jacobian_chunk_size_changes_only_the_workspace(checkpoint: str, per_sample: bool):
