@@ -269,8 +269,9 @@ def implicit_step_vjp(
                 ke = add(ke, None if kE_extra is None else kE_extra[i])
                 if ke is not None:
                     xe, te, carry = vjp_explicit(i, X[i], ke, carry)  # type: ignore[misc]
-            rhs = lincomb(None, h, [a[j][i] for j in range(i + 1, s)], Xbar[i + 1 :])
-            rhs = add(rhs, lam_term(b[i]))
+            # h (sum_{j>i} a_ji Xbar_j + b_i y1_bar): one sum (lincomb skips the zeros)
+            rhs = lincomb(None, h, [*(a[j][i] for j in range(i + 1, s)), b[i]],
+                          [*Xbar[i + 1 :], y1_bar])  # fmt: skip
             rhs = add(rhs, None if kI_extra is None else kI_extra[i])
             gamma = a[i][i]
             if gamma != 0 and xe is not None:
