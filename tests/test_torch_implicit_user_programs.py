@@ -74,6 +74,72 @@ def _assert_match(method, *, options, tol=1e-8, **kw):
 # ------------------------------------------------------------------ once silently wrong
 
 
+class _HalveInPlace(torch.autograd.Function):
+    """``u / 2`` whose backward halves its cotangent in place (``g.mul_``), as a hand-written
+    gradient scaling or clipping may; ``check`` adds a ``.item()`` test, which no vmap can
+    batch, after the write."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, check: bool) -> torch.Tensor:
+        ctx.check = check
+        return 0.5 * u
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        g.mul_(0.5)
+        if ctx.check and g.abs().sum().item() < 0:  # never: data-dependent control flow
+            raise AssertionError
+        return g, None
+
+
+class _HalvedForced(Forced):
+    """:class:`Forced` returned through :class:`_HalveInPlace`: its backward receives the
+    solver's cotangent itself (autograd does not copy ``grad_outputs``)."""
+
+    def __init__(self, check: bool) -> None:
+        super().__init__()
+        self.check = check
+
+    def forward(self, t, y):
+        return _HalveInPlace.apply(super().forward(t, y), self.check)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("check", [False, True])
+def test_jacobian_of_a_backward_that_writes_into_its_cotangent(check, per_sample, chunk_size):
+    """The batched VJPs' vmap attempt wrote into the shared basis before the ``.item()``
+    raised, and the one-at-a-time fallback read the halved basis: a Jacobian off by 2x
+    (Newton failed on a fixed grid; kvaerno3's gradient was 3e-4 off backprop's, silently).
+    Per sample, the basis is an expanded view: the write raised an obscure "more than one
+    element ... refers to a single memory location". Now autograd's dense Jacobian."""
+    from symplectic_adjoint.adapters._torch_implicit import _jacobian
+
+    func, t = _HalvedForced(check), torch.tensor(0.2, dtype=F64)
+    x = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    J = _jacobian(func, t, x, per_sample, chunk_size=chunk_size)
+    full = torch.autograd.functional.jacobian(lambda z: func(t, z), x).reshape(6, 6)
+    ref = torch.stack([full[2 * b : 2 * b + 2, 2 * b : 2 * b + 2] for b in range(3)])
+    assert torch.equal(J, ref if per_sample else full)
+
+
+@pytest.mark.parametrize(
+    "method,checkpoint",
+    [("trbdf2", "states"), ("kvaerno3", "stages"),
+     pytest.param("radauIIA3", "states", marks=pytest.mark.slow)],
+)  # fmt: skip
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_field_whose_backward_writes_into_its_cotangent_matches_backprop(
+    method: str, checkpoint: str, per_sample: bool
+) -> None:
+    """Through whole solves (``adjoint_solve="fresh"``: the Jacobian itself solves): per
+    sample, the row check's probe was halved by the backward, refusing the field as
+    mixing its rows."""
+    opts = _opts(method, per_sample=per_sample, adjoint_solve="fresh", **TIGHT)
+    _assert_match(method, options=opts, tol=1e-10, func=_HalvedForced(True),
+                  checkpoint=checkpoint)  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["implicit_euler", "radauIIA3", "trbdf2"])
 def test_gmres_backprop_reference_is_the_exact_gradient(method: str) -> None:
     """adjoint='backprop' with GMRES once differentiated the Arnoldi process (gradients

@@ -529,10 +529,15 @@ def _batched_vjp(out: torch.Tensor, z: torch.Tensor, cots: torch.Tensor) -> torc
             return torch.zeros_like(v)
         return g
 
+    # Each attempt on its own contiguous copy of the cotangents: autograd hands them to
+    # the backward of ``out``'s own op as they are, and a custom backward may write into
+    # its cotangent (``g.mul_(s)``): a vmap attempt that raised after such a write left the
+    # fallback a scaled basis (a Jacobian 3x off, a silently wrong gradient), and the
+    # per-sample basis is an expanded view, which refuses in-place writes.
     try:
-        rows = torch.func.vmap(vjp)(cots)
+        rows = torch.func.vmap(vjp)(cots.clone(memory_format=torch.contiguous_format))
     except RuntimeError:
-        rows = torch.stack([vjp(v) for v in cots])
+        rows = torch.stack([vjp(v.clone(memory_format=torch.contiguous_format)) for v in cots])
     return None if unused else rows
 
 
@@ -563,7 +568,7 @@ def _check_rows(fn: Field, t: torch.Tensor, x: torch.Tensor) -> None:
     # Distinct, well-scaled entries in every row: 1 + (j / numel), j the flat index.
     v = torch.linspace(1.0, 2.0, out.numel(), dtype=out.dtype, device=out.device)
     v = v.view_as(out)
-    (g,) = torch.autograd.grad(out, z, v, allow_unused=True)
+    (g,) = torch.autograd.grad(out, z, v.clone(), allow_unused=True)  # (see _batched_vjp)
     if g is None:
         return
     rows = v.reshape(B, -1, 1)
