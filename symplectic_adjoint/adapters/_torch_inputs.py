@@ -221,13 +221,21 @@ class FuncObserver:
         # user's y0 itself, which a closure may also read (then it is an input too).
         ta, ya = t.detach(), y.detach()
         mode = _ReadMode((ta, ya))
+        mark = _graph_mark()
         with mode:
             out = base(ta, ya)
-        # A tensor requiring grad returned as it is (``return self.velocity``) passed
-        # through no torch function, so the mode did not see it: it is read all the same.
         for x in tree_leaves(out):
             if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in mode.own:
-                mode.grad.setdefault(id(x), x)
+                if x.grad_fn is not None and x.grad_fn._sequence_nr() > mark:
+                    # Computed during the call by operations the mode does not see (a
+                    # TorchScript module, whose parameters it then did not see either):
+                    # it read the leaves its graph reaches.
+                    for leaf in _leaves_since(x.grad_fn, mark):
+                        mode.grad.setdefault(id(leaf), leaf)
+                else:
+                    # Returned as it is (``return self.velocity``): it passed through no
+                    # torch function, so the mode did not see it; it is read all the same.
+                    mode.grad.setdefault(id(x), x)
         _refuse_mutated_state(mode)
         after = self.tape.get()
         self.random = not RngTape.same(before, after)
@@ -257,6 +265,26 @@ def _walk(root: Any, stop: Callable[[Any], bool]) -> Iterator[Any]:
             yield nxt
             if not stop(nxt):
                 stack.append(nxt)
+
+
+def _graph_mark() -> int:
+    """The autograd sequence number of a node made now: nodes made later have larger ones
+    (the counter is per thread, and the forward solve runs in one)."""
+    with torch.enable_grad():
+        node = torch.zeros((), requires_grad=True).expand(1).grad_fn
+    assert node is not None
+    return node._sequence_nr()
+
+
+def _leaves_since(root: Any, mark: int) -> list[torch.Tensor]:
+    """The leaves requiring grad that the nodes made after ``mark`` reach from ``root``
+    (nodes made before belong to graphs built outside; their tensors are not known)."""
+    out = []
+    for node in _walk(root, stop=lambda n: _leaf_of(n) is not None or n._sequence_nr() <= mark):
+        leaf = _leaf_of(node)
+        if leaf is not None:
+            out.append(leaf)
+    return out
 
 
 def _leaf_of(node: Any) -> torch.Tensor | None:
