@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = [
     "Cut",
@@ -82,12 +82,16 @@ class Reads:
             create, in the order first read (each object once).
         mutated: outside tensors not requiring grad that the evaluation changed in place.
         random: whether the evaluation changed a random generator's state.
+        hidden: autograd nodes of tensors computed outside ``func`` that operations the
+            mode does not see (TorchScript) read: the tensors themselves are not known
+            here; :class:`Inputs` finds them among the listed ones or refuses.
     """
 
-    def __init__(self, grad: list, mutated: list, random: bool) -> None:
+    def __init__(self, grad: list, mutated: list, random: bool, hidden: Sequence = ()) -> None:
         self.grad = grad
         self.mutated = mutated
         self.random = random
+        self.hidden = list(hidden)
 
 
 # Functions that update running statistics inside their kernel, without bumping the
@@ -112,6 +116,25 @@ class _ReadMode(TorchFunctionMode):
         self.grad: dict[int, torch.Tensor] = {}
         self.seen: dict[int, tuple[torch.Tensor, int]] = {}
         self.stats: dict[int, torch.Tensor] = {}
+        self.hidden: dict[Any, None] = {}  # upstream nodes read by unseen operations
+        self.mark = _graph_mark()
+
+    def read(self, x: torch.Tensor) -> None:
+        """Record an outside tensor ``x`` requiring grad that reached the mode (an argument
+        of a torch function, or a returned tensor)."""
+        if x.grad_fn is None or x.grad_fn._sequence_nr() <= self.mark:
+            # A leaf, or a non-leaf of an upstream graph (``return self.velocity``).
+            self.grad.setdefault(id(x), x)
+            return
+        # Computed during the call by operations the mode does not see (a TorchScript
+        # module or function): it read what its graph since the mark reaches, the leaves
+        # and the upstream non-leaf tensors (known here only by their nodes).
+        self.own.add(id(x))
+        self.keep.append(x)
+        leaves, upstream = _reached_since(x.grad_fn, self.mark)
+        for leaf in leaves:
+            self.grad.setdefault(id(leaf), leaf)
+        self.hidden.update(dict.fromkeys(upstream))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -119,7 +142,7 @@ class _ReadMode(TorchFunctionMode):
         for x in tree_leaves((args, kwargs)):
             if isinstance(x, torch.Tensor) and id(x) not in self.own:
                 if x.requires_grad:
-                    self.grad.setdefault(id(x), x)
+                    self.read(x)
                 elif id(x) not in self.seen:
                     self.seen[id(x)] = (x, _version(x))
                 if stats and not x.requires_grad:
@@ -221,27 +244,25 @@ class FuncObserver:
         # user's y0 itself, which a closure may also read (then it is an input too).
         ta, ya = t.detach(), y.detach()
         mode = _ReadMode((ta, ya))
-        mark = _graph_mark()
-        with mode:
+        # With a graph even in the no-grad forward solve: operations the mode does not see
+        # (TorchScript) are then found from the graph they leave (:meth:`_ReadMode.read`).
+        recording = torch.is_grad_enabled()
+        with mode, torch.enable_grad():
             out = base(ta, ya)
+        # A returned tensor the mode did not see made: returned as it is (a parameter, an
+        # upstream non-leaf) or made by operations it does not see (TorchScript).
         for x in tree_leaves(out):
             if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in mode.own:
-                if x.grad_fn is not None and x.grad_fn._sequence_nr() > mark:
-                    # Computed during the call by operations the mode does not see (a
-                    # TorchScript module, whose parameters it then did not see either):
-                    # it read the leaves its graph reaches.
-                    for leaf in _leaves_since(x.grad_fn, mark):
-                        mode.grad.setdefault(id(leaf), leaf)
-                else:
-                    # Returned as it is (``return self.velocity``): it passed through no
-                    # torch function, so the mode did not see it; it is read all the same.
-                    mode.grad.setdefault(id(x), x)
+                mode.read(x)
         _refuse_mutated_state(mode)
         after = self.tape.get()
         self.random = not RngTape.same(before, after)
-        self.reads = Reads(list(mode.grad.values()), mode.mutated(), self.random)
+        self.reads = Reads(list(mode.grad.values()), mode.mutated(), self.random,
+                           list(mode.hidden))  # fmt: skip
         if self.random:
             self.first_state = self.last_state = before
+        if not recording:
+            out = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
         return out
 
     def drew_later(self) -> bool:
@@ -276,15 +297,18 @@ def _graph_mark() -> int:
     return node._sequence_nr()
 
 
-def _leaves_since(root: Any, mark: int) -> list[torch.Tensor]:
-    """The leaves requiring grad that the nodes made after ``mark`` reach from ``root``
-    (nodes made before belong to graphs built outside; their tensors are not known)."""
-    out = []
+def _reached_since(root: Any, mark: int) -> tuple[list[torch.Tensor], list[Any]]:
+    """``(leaves, upstream)``: the leaves requiring grad that the nodes made after
+    ``mark`` reach from ``root``, and the first nodes made before (the grad_fn of
+    tensors of graphs built outside, which are not known from their nodes)."""
+    leaves, upstream = [], []
     for node in _walk(root, stop=lambda n: _leaf_of(n) is not None or n._sequence_nr() <= mark):
         leaf = _leaf_of(node)
         if leaf is not None:
-            out.append(leaf)
-    return out
+            leaves.append(leaf)
+        elif node._sequence_nr() <= mark:
+            upstream.append(node)
+    return leaves, upstream
 
 
 def _leaf_of(node: Any) -> torch.Tensor | None:
@@ -320,11 +344,31 @@ class Inputs:
             for x in reads.grad:
                 order.setdefault(id(x), x)
                 read_ids.add(id(x))
+            for x in self._hidden_reads(listed, reads.hidden):
+                read_ids.add(id(x))
         drop = self._upstream_of_reads(order, read_ids)
         self.tensors: tuple[torch.Tensor, ...] = tuple(x for i, x in order.items() if i not in drop)
         self.dropped = tuple(order[i] for i in drop)
         self._index()
         self.versions: list[int] | None = None
+
+    @staticmethod
+    def _hidden_reads(listed: Sequence[torch.Tensor], hidden: Sequence[Any]) -> list:
+        """The listed tensors whose nodes are among ``hidden`` (non-leaf tensors read by
+        operations the read watcher does not see); any other such node is refused: its
+        tensor, unknown, would not be an input, and its gradient would be silently lost
+        (``autograd.grad(loss, v)`` without the solve's part)."""
+        by_node = {x.grad_fn: x for x in listed if x.grad_fn is not None}
+        unknown = [n for n in hidden if n not in by_node]
+        if unknown:
+            raise ValueError(
+                f"func passes a tensor computed outside func (by {type(unknown[0]).__name__}) "
+                "to operations the read watcher cannot see (a TorchScript module or "
+                "function), so adjoint='symplectic' cannot make it an input and its gradient "
+                "would be lost. List it in adjoint_params, compute it inside func, or use "
+                "adjoint='backprop'."
+            )
+        return [by_node[n] for n in hidden]
 
     @staticmethod
     def _upstream_of_reads(order: dict[int, torch.Tensor], read_ids: set[int]) -> set[int]:
