@@ -341,6 +341,26 @@ def test_stale_jacobian_falls_back_to_full_newton(method: str) -> None:
     assert _rel(X[-1], _one_step(full, 0.3, y0)[-1]) <= 1e-11
 
 
+class _SlowChord(torch.nn.Module):
+    """A field whose step-start Jacobian contracts the chord at about 0.35 per iteration
+    on the first trbdf2 step of size 0.01 (the cubic term far from y_n's)."""
+
+    def forward(self, t, y):
+        return -50.0 * (1 + 19 * torch.sin(40 * t) ** 2) * y - 5 * y**3
+
+
+def test_slow_chord_switches_to_full_newton_before_running_out() -> None:
+    """A chord converging linearly from far at a tight tolerance (1e10 times the first
+    update's size away, 22 iterations at its rate) switches to full Newton in time: it
+    raised NewtonConvergenceError after 20 iterations, where full Newton takes a few."""
+    y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    t = torch.tensor([0.0, 0.01], dtype=F64)
+    tight = dict(newton_rtol=1e-12, newton_atol=1e-12, step_size=0.01)
+    ys = odeint(_SlowChord(), y0, t, method="trbdf2", options=tight)
+    ys_full = odeint(_SlowChord(), y0, t, method="trbdf2", options=dict(tight, jacobian="iterate"))
+    assert _rel(ys[-1], ys_full[-1]) <= 1e-11
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 3])
 def test_row_jacobians_match_jacrev_per_row(chunk_size: int | None) -> None:
     func = Stiff()

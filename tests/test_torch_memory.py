@@ -34,7 +34,10 @@ class _Meter:
         nbytes = 0 if x.data_ptr() in self.exclude else x.numel() * x.element_size()
         self.live += nbytes
         self.peak = max(self.peak, self.live)
-        return _Saved(self, x, nbytes)
+        # A detached alias: holding an op's saved output itself would hold its grad_fn,
+        # a cycle through the graph that Python cannot collect, so a graph never
+        # differentiated (the observed first evaluation's) would count as live forever.
+        return _Saved(self, x.detach(), nbytes)
 
     @staticmethod
     def unpack(saved: _Saved) -> torch.Tensor:

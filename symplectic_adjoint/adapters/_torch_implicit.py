@@ -25,7 +25,8 @@ GMRES iterates full Newton) the Newton matrix ``I - h a_ii J`` is built and LU-f
 once per step, at ``(t_n, y_n)``, and reused
 by every iteration of every stage with the same ``a_ii`` (simplified Newton, as Hairer and
 Wanner's RADAU5 and diffrax's ``VeryChord``); a stage whose iteration contracts by less
-than :data:`CHORD_RATE` per iteration continues by full Newton (``jacobian="step"``;
+than :data:`CHORD_RATE` per iteration, or too slowly to reach the tolerance within the
+iterations left, continues by full Newton (``jacobian="step"``;
 ``"stage"``: once per stage; ``"iterate"``: full Newton throughout). The convergence test
 is on the size of the update in every mode. The iteration is
 deterministic, so recomputing a step from ``y_n`` reproduces its stages bitwise.
@@ -113,7 +114,8 @@ IMPLICIT_METHODS = (*IMPLICIT_FIXED_METHODS, *IMPLICIT_ADAPTIVE_METHODS)
 DENSE_MAX = 1024
 
 #: Chord and simplified Newton switch to full Newton for the rest of a stage when the
-#: scaled update shrinks by less than this factor per iteration (a stale Jacobian).
+#: scaled update shrinks by less than this factor per iteration (a stale Jacobian), or
+#: when at its rate it would not reach the tolerance in the iterations left.
 CHORD_RATE = 0.5
 
 JACOBIAN_MODES = ("step", "stage", "iterate")
@@ -780,9 +782,16 @@ class Newton:
             "max_newton_iters, or loosen newton_rtol/newton_atol"
         )
 
-    def _stale(self, size: float, previous: float | None) -> bool:
-        """A reused Jacobian is stale: the update shrank by less than ``CHORD_RATE``."""
-        return previous is not None and size > CHORD_RATE * previous
+    def _stale(self, size: float, previous: float | None, left: int) -> bool:
+        """A reused Jacobian is stale: the update shrank by less than ``CHORD_RATE``, or
+        at the rate it shrank by it would still be above the tolerance after the ``left``
+        iterations that remain (a chord converging linearly from far: at a rate of 0.35,
+        a tight tolerance 1e10 times the first update's size takes 22 iterations, where
+        full Newton from here takes a few)."""
+        if previous is None:
+            return False
+        rate = size / previous
+        return rate > CHORD_RATE or size * rate**left > 1.0
 
     def stage(self, fn: Field, t: torch.Tensor, base: torch.Tensor, gamma: Any,
               k: torch.Tensor, where: str, *, lin: _Linear | None = None,
@@ -823,7 +832,7 @@ class Newton:
                 raise self._fail(where, "the iterate became inf/nan")
             if size <= 1.0:
                 return k + d, lin
-            if not full and self._stale(size, previous):
+            if not full and self._stale(size, previous, self.opts.max_iters - it):
                 # The reused Jacobian is too far from this stage: full Newton from here on;
                 # a diverging chord may have led far off, so then from the first guess.
                 full = True
@@ -871,7 +880,8 @@ class Newton:
                        if dX[i] is not None)  # fmt: skip
             if size <= 1.0:
                 return [ki + di for ki, di in zip(k, d, strict=True)]
-            if not full and self._stale(size, previous):  # as in :meth:`stage`
+            # a stale Jacobian: full Newton from here on (as in :meth:`stage`)
+            if not full and self._stale(size, previous, self.opts.max_iters - it):
                 full = True
                 if previous is not None and size > previous:
                     k, previous, it = guess, None, 0
