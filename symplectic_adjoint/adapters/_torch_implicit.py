@@ -1021,8 +1021,10 @@ class TransposedSolves:
       the predicted error (last correction times ``rate / (1 - rate)``) is within
       :data:`REFINE_ULPS` ulps of ``|c| + |kbar| + gamma_i |J_i^T kbar|``
       (per row with ``per_sample``), then takes the stage VJP with the parameters and
-      checks the residual that it gives once more, correcting (linearly: one more VJP of
-      the correction) while it shrinks by ``REFINE_RATE``, else finishing from a fresh
+      checks the residual ``r`` that it gives once more (first by the bound
+      ``|P^{-T} r| <= |P^{-T}|_F |r|``, per block, without the product; then by the
+      correction ``P^{-T} r`` itself), correcting (linearly: one more VJP of the
+      correction) while it shrinks by ``REFINE_RATE``, else finishing from a fresh
       Jacobian. When a stage's first sweep finds ``P^{-T} c`` already within the bound
       (the Jacobian hardly changes: a solution near equilibrium, a linear field), the
       following stages skip the sweeps (:attr:`Newton.refine_direct`): their stage VJP
@@ -1123,11 +1125,6 @@ class TransposedSolves:
             B = inv_T.shape[0]
             return (lambda r: torch.bmm(inv_T, r.reshape(B, -1, 1)).view_as(r)), norms
         return (lambda r: (inv_T @ r.reshape(-1, 1)).view_as(r)), norms
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Norms of the independent blocks: rows with ``per_sample``, else the whole."""
-        B = x.shape[0] if self.mode == "per_sample" else 1
-        return torch.linalg.vector_norm(x.reshape(B, -1), dim=1)
 
     def _refined(self, lin: _GraphLinear, gamma: Any, c: torch.Tensor) -> tuple | None:
         """``(Xbar_i, tau_i)`` of the refined solve, or ``None`` (nothing pulled) when it
