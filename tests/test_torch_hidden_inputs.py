@@ -520,3 +520,18 @@ def scripted_module_inside_a_python_field():
 )
 def test_scripted_reads_get_their_exact_gradient(build, checkpoint):
     assert_matches(build, checkpoint)
+
+
+# ------------------------------------------------------------ caller's grad modes
+
+
+@pytest.mark.parametrize("checkpoint", MODES)
+def test_solve_under_inference_mode_matches_torchdiffeq_bitwise(checkpoint):
+    """A caller's ``torch.inference_mode()`` (evaluation): the observed first evaluation's
+    graph mark made no autograd node there, an AssertionError; now torchdiffeq's values."""
+    net = _mlp()
+    y0, t = _y0().detach(), torch.tensor(T, dtype=D)
+    with torch.inference_mode():
+        ys = odeint(lambda t, y: net(y), y0, t, checkpoint=checkpoint, **FIXED)
+        ref = torchdiffeq.odeint(lambda t, y: net(y), y0, t, **FIXED)
+    assert torch.equal(ys, ref)

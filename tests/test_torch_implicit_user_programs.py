@@ -781,3 +781,19 @@ def test_torchscript_module_matches_backprop(method: str, checkpoint: str) -> No
         grads.append(torch.autograd.grad(ys[-1].square().sum(), [y0, *func.parameters()]))
     for a, b in zip(*grads, strict=True):
         assert float((a - b).norm() / b.norm()) <= 1e-9
+
+
+@pytest.mark.parametrize("adjoint", ["symplectic", "backprop"])
+@pytest.mark.parametrize("method", ["implicit_euler", "kvaerno3"])
+def test_implicit_method_under_inference_mode_is_refused(method: str, adjoint: str) -> None:
+    """Inference mode records no autograd graph, so Newton's Jacobian would be zero: the
+    stages silently looser, or a NewtonConvergenceError blaming the step size. Refused
+    at call time naming torch.no_grad(), under which the solve runs."""
+    y0, t = torch.randn(3, 2, dtype=F64), torch.tensor([0.0, 0.3], dtype=F64)
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode.*no_grad"):
+        odeint(Forced(), y0, t, method=method, options=_opts(method), adjoint=adjoint)
+    with torch.no_grad():
+        ys = odeint(Forced(), y0, t, method=method, options=_opts(method, **TIGHT),
+                    adjoint=adjoint)  # fmt: skip
+    ref = _run(method, "backprop", options=_opts(method, **TIGHT), t=t, y0=y0)[0]
+    assert _rel(ys, ref) <= 1e-12

@@ -290,8 +290,9 @@ def _walk(root: Any, stop: Callable[[Any], bool]) -> Iterator[Any]:
 
 def _graph_mark() -> int:
     """The autograd sequence number of a node made now: nodes made later have larger ones
-    (the counter is per thread, and the forward solve runs in one)."""
-    with torch.enable_grad():
+    (the counter is per thread, and the forward solve runs in one). Made outside
+    inference mode, where no node is made (a caller's ``torch.inference_mode()``)."""
+    with torch.inference_mode(False), torch.enable_grad():
         node = torch.zeros((), requires_grad=True).expand(1).grad_fn
     assert node is not None
     return node._sequence_nr()

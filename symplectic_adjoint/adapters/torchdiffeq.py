@@ -25,6 +25,7 @@ import torch
 import torchdiffeq
 
 from ._torch_adjoint import SolveStats, SymplecticFunction, solve
+from ._torch_implicit import IMPLICIT_METHODS
 from ._torch_inputs import check_no_transform, check_time_options
 from ._torch_methods import ADAPTIVE_METHODS as ADAPTIVE_METHODS  # re-exported for tests
 from ._torch_methods import FIXED_METHODS, METHODS, OWN_METHODS, REFUSED_METHODS, SOLVERS
@@ -172,7 +173,8 @@ def odeint(
             methods, ``t`` not 1-D and strictly monotone, tolerances or ``step_t``/``jump_t``
             requiring grad, mismatched dtypes or devices, non-finite ``y0``; ``func``
             reading a tensor and one computed from it outside ``func``; inside
-            ``torch.func`` transforms (use ``adjoint="backprop"``).
+            ``torch.func`` transforms (use ``adjoint="backprop"``); an implicit method
+            under ``torch.inference_mode()`` (use ``torch.no_grad()``).
         RuntimeError (in the backward): a tensor ``func`` reads was changed in place after
             the forward pass; ``func`` read a tensor requiring grad that its first
             evaluation did not (list it in ``adjoint_params``); random draws that cannot
@@ -272,6 +274,14 @@ def _check_method(method: str | None, adjoint: str) -> str:
         )
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in IMPLICIT_METHODS and torch.is_inference_mode_enabled():
+        # Newton's Jacobian is computed by autograd, which records nothing in inference
+        # mode: a zero Jacobian would make Newton a slow fixed-point iteration (silently
+        # looser stages, or a NewtonConvergenceError blaming the step size).
+        raise ValueError(
+            f"method {method!r} builds its Newton Jacobian with autograd, which "
+            "torch.inference_mode() disables; call odeint under torch.no_grad() instead"
+        )
     if method in OWN_METHODS and adjoint == "adjoint":
         raise ValueError(
             f"method {method!r} is not a torchdiffeq solver (0.2.5), so torchdiffeq.odeint_adjoint "
